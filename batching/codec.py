@@ -1,0 +1,176 @@
+"""Raw queue element -> request: decode what kombu's Redis transport stored for a Celery task message.
+
+A list element is kombu's JSON envelope ``{body, content-type, content-encoding, headers, properties}``; the body
+is (base64 of) the serialized protocol-2 tuple ``[args, kwargs, embed]``, or a protocol-1 dict. Deserialization
+goes through kombu's registry, so ``accept_content`` is enforced exactly as in a normal worker: a pickle body
+is never unpickled unless the app accepts pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import compression, serialization
+from kombu.exceptions import ContentDisallowed as KombuContentDisallowed
+from kombu.utils.json import loads as json_loads
+
+from .errors import ContentDisallowed, MessageError
+
+
+@dataclass(slots=True)
+class Request:
+    """One task message, ready to join a batch."""
+
+    id: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    embed: dict[str, Any] = field(default_factory=dict)
+    eta: float | None = None
+    expires: float | None = None
+
+
+@dataclass(slots=True)
+class Undecodable:
+    """A message that cannot become a request; ``task_id`` is set when a FAILURE can still be stored for it."""
+
+    error: MessageError
+    task_id: str | None = None
+    task: str | None = None
+
+
+def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
+    """Decode one queue element. Never raises for bad input: what cannot be used comes back as ``Undecodable``."""
+    task_id: str | None = None
+    task: str | None = None
+    try:
+        envelope = json_loads(raw)
+        if not isinstance(envelope, dict) or "body" not in envelope:
+            raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
+        headers = _mapping(envelope.get("headers"), "headers")
+        properties = _mapping(envelope.get("properties"), "properties")
+        task_id = _text_or_none(headers.get("id"))
+        task = _text_or_none(headers.get("task"))
+        body = _payload(envelope, headers, properties, accept)
+        if "task" in headers:
+            request = _protocol2(body, headers, properties)
+        else:
+            request = _protocol1(body, headers, properties)
+            task_id, task = request.id, request.task
+        return request
+    except MessageError as exc:
+        return Undecodable(exc, task_id, task)
+    except Exception as exc:  # any other decoder failure is still just a bad message
+        return Undecodable(MessageError(f"undecodable message: {type(exc).__name__}: {exc}"), task_id, task)
+
+
+def _payload(
+    envelope: Mapping[str, Any], headers: Mapping[str, Any], properties: Mapping[str, Any], accept: Any
+) -> Any:
+    body = envelope["body"]
+    if properties.get("body_encoding") == "base64":
+        if not isinstance(body, str):
+            raise MessageError("body is declared base64 but is not a string")
+        try:
+            body = base64.b64decode(body.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError) as exc:
+            raise MessageError(f"body is not valid base64: {exc}") from exc
+    content_type = envelope.get("content-type")
+    if not isinstance(content_type, str):
+        raise MessageError("message has no content-type")
+    if headers.get("compression"):
+        try:
+            body = compression.decompress(body, headers["compression"])
+        except Exception as exc:
+            raise MessageError(f"cannot decompress body ({headers['compression']}): {exc}") from exc
+    try:
+        return serialization.loads(body, content_type, envelope.get("content-encoding") or "utf-8", accept=accept)
+    except KombuContentDisallowed as exc:
+        raise ContentDisallowed(f"content type {content_type!r} is not accepted by this app: {exc}") from exc
+    except Exception as exc:
+        raise MessageError(f"cannot deserialize {content_type!r} body: {type(exc).__name__}: {exc}") from exc
+
+
+def _protocol2(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Request:
+    task_id, task = headers.get("id"), headers.get("task")
+    if not isinstance(task_id, str) or not task_id:
+        raise MessageError("protocol 2 message has no task id header")
+    if not isinstance(body, (list, tuple)) or len(body) != 3:
+        raise MessageError("protocol 2 body must be [args, kwargs, embed]")
+    args, kwargs, embed = body
+    return Request(
+        id=task_id,
+        task=str(task),
+        args=_args(args),
+        kwargs=_kwargs(kwargs),
+        headers=headers,
+        properties=properties,
+        embed=_mapping(embed, "embed"),
+        eta=_timestamp(headers.get("eta"), "eta"),
+        expires=_timestamp(headers.get("expires"), "expires"),
+    )
+
+
+def _protocol1(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Request:
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("task"), str):
+        raise MessageError("message has neither protocol 2 headers nor a protocol 1 body with 'id' and 'task'")
+    merged_headers = {**headers, **{k: v for k, v in body.items() if k not in ("args", "kwargs")}}
+    return Request(
+        id=body["id"],
+        task=body["task"],
+        args=_args(body.get("args", [])),
+        kwargs=_kwargs(body.get("kwargs", {})),
+        headers=merged_headers,
+        properties=properties,
+        embed={k: body[k] for k in ("callbacks", "errbacks", "chord") if body.get(k)},
+        eta=_timestamp(body.get("eta"), "eta"),
+        expires=_timestamp(body.get("expires"), "expires"),
+    )
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MessageError(f"{what} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _args(value: Any) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise MessageError(f"args must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _kwargs(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise MessageError(f"kwargs must be an object with string keys, got {type(value).__name__}")
+    return value
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _timestamp(value: Any, what: str) -> float | None:
+    """Celery sends ``eta``/``expires`` as ISO 8601 strings; naive ones are UTC, as in Celery's own worker."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        raise MessageError(f"{what} must be an ISO 8601 time, got {type(value).__name__}")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise MessageError(f"{what} is not an ISO 8601 time: {value!r}") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()

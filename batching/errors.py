@@ -1,0 +1,64 @@
+"""Every error this library raises, in one tree.
+
+::
+
+    BatchingError
+    ├── ConfigurationError        bad decorator/consumer settings; raised at definition or start-up
+    ├── BrokerError               the broker cannot be used (unsupported URL, unreachable at start-up)
+    ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
+    │   └── ContentDisallowed     its serializer is not in ``accept_content``
+    ├── MissingArgumentError      (also ValueError, TypeError) a request lacks required arguments; fails that request only
+    ├── UnexpectedArgumentError   (also TypeError) a request names parameters the model does not take
+    ├── BatchResultError          ``run_batch`` returned something that cannot be split per request
+    ├── ResultEncodeError         one request's result cannot be serialized for the result backend
+    └── BatcherStopped            (also InterruptedError) the in-process ``Batcher`` was stopped
+
+Errors that reach a Celery client are re-raised there with their own type, so each class is importable from
+``batching.errors`` on both sides and keeps a one-string constructor (Celery rebuilds them from ``exc_message``).
+"""
+
+from __future__ import annotations
+
+
+class BatchingError(Exception):
+    """Base class of every error raised by ``batching``."""
+
+
+class ConfigurationError(BatchingError):
+    """A batched task or consumer was configured with values that cannot work."""
+
+
+class BrokerError(BatchingError):
+    """The app's broker cannot be used by the batching consumer."""
+
+
+class MessageError(BatchingError):
+    """A message in a batch queue could not be decoded into a request."""
+
+
+class ContentDisallowed(MessageError):
+    """A message's serializer is not accepted by the app (``accept_content``)."""
+
+
+class MissingArgumentError(BatchingError, ValueError, TypeError):
+    """A request did not supply every required argument of the model.
+
+    A ``ValueError`` as the batch semantics promise, and a ``TypeError`` as Python says of any call that misses a
+    required argument, so a client's ``except TypeError`` around ``.delay()`` catches it too.
+    """
+
+
+class UnexpectedArgumentError(BatchingError, TypeError):
+    """A request supplied arguments the model does not take."""
+
+
+class BatchResultError(BatchingError):
+    """``run_batch`` returned a value that does not give one result per request."""
+
+
+class ResultEncodeError(BatchingError):
+    """A result could not be serialized with the result backend's serializer."""
+
+
+class BatcherStopped(BatchingError, InterruptedError):
+    """The in-process batcher was stopped before this call ran."""

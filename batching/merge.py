@@ -1,0 +1,160 @@
+"""Per-request calls in, one batch call out, and back: the batching semantics shared by every path.
+
+A model's per-request signature (``predict(text, scale=1.0)`` or ``Model.run(self, text, scale=1.0)``) decides
+which arguments a request may carry and what an omitted one defaults to. ``merge`` turns N requests into one
+keyword call where every parameter is a list of N values; ``split`` turns what ``run_batch`` returned back into N
+outcomes. Nothing here does I/O, so the in-process ``Batcher`` and the Redis consumer behave identically.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BatchResultError, ConfigurationError, MissingArgumentError, UnexpectedArgumentError
+
+#: Marks a parameter without a default. ``inspect.Parameter.empty`` is not used directly so that a default of
+#: ``None``, ``0``, ``False`` or ``""`` is never confused with "required" (a bug of the batcher this replaces).
+REQUIRED: Any = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """The per-request parameters of a model: their order, their defaults, and whether extra names pass."""
+
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    accepts_any_keyword: bool = False
+
+    @classmethod
+    def from_callable(cls, fn: Callable[..., Any]) -> CallSpec:
+        """Read the spec from a function, or from a bound ``run`` method (``self`` is already gone there)."""
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read the signature of {fn!r}: {exc}") from exc
+        names: list[str] = []
+        defaults: dict[str, Any] = {}
+        any_keyword = False
+        for param in sig.parameters.values():
+            if param.kind is param.VAR_POSITIONAL:
+                raise ConfigurationError(
+                    f"{fn!r} takes *{param.name}: batched parameters need names, so that each can become a list"
+                )
+            if param.kind is param.VAR_KEYWORD:
+                any_keyword = True
+                continue
+            names.append(param.name)
+            if param.default is not REQUIRED:
+                defaults[param.name] = param.default
+        if not names and not any_keyword:
+            raise ConfigurationError(f"{fn!r} takes no parameters: there is nothing to batch")
+        return cls(tuple(names), defaults, any_keyword)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(n for n in self.names if n not in self.defaults)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Map one request's positional and keyword arguments to parameter names, without filling defaults.
+
+        Raises ``UnexpectedArgumentError`` (a ``TypeError``) for surplus positionals, unknown or doubled names, and
+        ``MissingArgumentError`` (a ``ValueError`` and a ``TypeError``) naming every required argument left out.
+        """
+        if len(args) > len(self.names):
+            raise UnexpectedArgumentError(
+                f"takes {len(self.names)} positional argument(s) ({', '.join(self.names)}) but {len(args)} were given"
+            )
+        bound = dict(zip(self.names, args, strict=False))
+        doubled = sorted(set(bound) & set(kwargs))
+        if doubled:
+            raise UnexpectedArgumentError(f"got multiple values for argument(s): {', '.join(doubled)}")
+        if not self.accepts_any_keyword:
+            unknown = sorted(set(kwargs) - set(self.names))
+            if unknown:
+                raise UnexpectedArgumentError(
+                    f"got unexpected argument(s): {', '.join(unknown)}; accepted: {', '.join(self.names)}"
+                )
+        bound.update(kwargs)
+        missing = [n for n in self.required if n not in bound]
+        if missing:
+            raise MissingArgumentError(f"missing required argument(s): {', '.join(missing)}")
+        return bound
+
+    def merge(self, requests: Sequence[tuple[Sequence[Any], Mapping[str, Any]]]) -> Merged:
+        """Bind every request; reject the ones that cannot be bound; build one list per parameter for the rest.
+
+        Parameters a request omits get their default; names that only arrive through ``**kwargs`` get ``None``
+        for the requests that omit them.
+        """
+        merged = Merged()
+        bound_ok: list[dict[str, Any]] = []
+        for index, (args, kwargs) in enumerate(requests):
+            try:
+                bound = self.bind(args, kwargs)
+            except (MissingArgumentError, UnexpectedArgumentError) as exc:
+                merged.rejected[index] = exc
+                continue
+            merged.positions.append(index)
+            bound_ok.append(bound)
+        names = list(self.names)
+        if self.accepts_any_keyword:
+            extra = {name for bound in bound_ok for name in bound} - set(names)
+            names.extend(sorted(extra))
+        for name in names:
+            default = self.defaults.get(name)
+            merged.kwargs[name] = [bound.get(name, default) for bound in bound_ok]
+        return merged
+
+
+@dataclass
+class Merged:
+    """One batch call: ``kwargs`` holds a list per parameter, slot *k* of each belonging to ``positions[k]``."""
+
+    kwargs: dict[str, list[Any]] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    rejected: dict[int, BaseException] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def split(results: Any, size: int) -> list[Any]:
+    """Check that ``run_batch`` gave one result per request and return them as a list.
+
+    Any sized iterable works (a list, a tuple, a numpy array); an ``Exception`` instance at position *i* is request
+    *i*'s failure and is left in place for the caller to report.
+    """
+    if isinstance(results, (str, bytes, Mapping)) or not hasattr(results, "__len__"):
+        raise BatchResultError(
+            f"run_batch must return a sequence with one result per request; got {type(results).__name__} "
+            f"for a batch of {size}"
+        )
+    out = list(results)
+    if len(out) != size:
+        raise BatchResultError(f"run_batch returned {len(out)} results for a batch of {size} requests")
+    return out
+
+
+def execute(
+    spec: CallSpec, run_batch: Callable[..., Any], requests: Sequence[tuple[Sequence[Any], Mapping[str, Any]]]
+) -> list[Any]:
+    """Run one batch and return one outcome per request, in request order; an ``Exception`` is a failure.
+
+    Requests that cannot be bound fail alone. If ``run_batch`` raises, or returns the wrong number of results,
+    every request that reached it fails with that error.
+    """
+    merged = spec.merge(requests)
+    outcomes: list[Any] = [None] * len(requests)
+    for index, exc in merged.rejected.items():
+        outcomes[index] = exc
+    if merged.positions:
+        try:
+            results = split(run_batch(**merged.kwargs), len(merged))
+        except Exception as exc:  # the model's own error, whatever its type, belongs to each request
+            results = [exc] * len(merged)
+        for index, result in zip(merged.positions, results, strict=True):
+            outcomes[index] = result
+    return outcomes

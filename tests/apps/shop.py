@@ -1,0 +1,62 @@
+"""The app the integration tests run under a real ``celery worker``: one batched task per behaviour under test."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from celery import Celery
+
+from batching import batched
+
+URL = os.environ["REDIS_URL"]
+app = Celery("shop", broker=URL, backend=URL)
+app.conf.update(result_expires=600, broker_connection_retry_on_startup=True)
+
+
+class ModelError(Exception):
+    """Raised by the whole-batch failure model; importable by the client, so get() re-raises this type."""
+
+
+@batched(app, batch_size=16, max_delay=0.05)
+def predict(text, scale=1.0, suffix=""):
+    """Every parameter arrives as a list; a falsy default ("") must reach us as a value, never as 'missing'."""
+    return [f"{t.upper()}{suffix}" if s == 1.0 else f"{t.upper()}*{s}{suffix}" for t, s, suffix in
+            zip(text, scale, suffix, strict=True)]
+
+
+@batched(app, batch_size=8, max_delay=0.02)
+def picky(x):
+    """Per-item errors: negative inputs fail alone, with their own exception instance."""
+    return [ValueError(f"negative input {v}") if v < 0 else v * 2 for v in x]
+
+
+@batched(app, batch_size=8, max_delay=0.02)
+def explode(x):
+    raise ModelError(f"model crashed on a batch of {len(x)}")
+
+
+@batched(app, batch_size=8, max_delay=0.02)
+def short(x):
+    return x[:-1]
+
+
+class CountingModel:
+    """Counts its constructions (per process) in Redis, so tests see where and how often it loads."""
+
+    def __init__(self) -> None:
+        redis.Redis.from_url(URL).hincrby("shop:model_loads", str(os.getpid()), 1)
+
+    def run(self, text, flag=False, limit=0, tag=None):
+        return self.run_batch([text], [flag], [limit], [tag])[0]
+
+    def run_batch(self, text, flag, limit, tag):
+        return [{"text": t, "flag": f, "limit": n, "tag": g} for t, f, n, g in zip(text, flag, limit, tag)]
+
+
+counting = batched(app, model=CountingModel, name="shop.counting", batch_size=32, max_delay=0.01)
+
+
+@app.task
+def add(x, y):
+    return x + y
