@@ -7,7 +7,7 @@
     ├── BrokerError               the broker cannot be used (unsupported URL, unreachable at start-up)
     ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
     │   └── ContentDisallowed     its serializer is not in ``accept_content``
-    ├── MissingArgumentError      (also ValueError, TypeError) a request lacks required arguments; fails that request only
+    ├── MissingArgumentError      (also ValueError, TypeError) a request lacks required arguments; fails alone
     ├── UnexpectedArgumentError   (also TypeError) a request names parameters the model does not take
     ├── BatchResultError          ``run_batch`` returned something that cannot be split per request
     ├── ResultEncodeError         one request's result cannot be serialized for the result backend

@@ -78,7 +78,7 @@ class QueueStore:
         """
         main = self.keys.main
         # Redis rounds timeouts down to its own resolution; 0 would mean "forever".
-        self.client.blmove(main, main, max(timeout_s, 0.001), "RIGHT", "RIGHT")
+        self.client.blmove(main, main, max(timeout_s, 0.001), "RIGHT", "RIGHT")  # type: ignore[arg-type]
 
     def finish(self, claim: Claim, outcome: Finish) -> bool:
         """Drop the claim, parking ETA messages and dead letters in the same atomic step."""
@@ -93,12 +93,8 @@ class QueueStore:
 
     def batch_sizes(self) -> dict[int, int]:
         """Histogram of batch sizes run so far on this queue (all consumers)."""
-        stats = self.client.hgetall(self.keys.stats)
-        return {
-            int(name[5:]): int(count)
-            for name, count in ((k.decode(), v) for k, v in stats.items())
-            if name.startswith("size:")
-        }
+        stats: dict[bytes, bytes] = self.client.hgetall(self.keys.stats)  # type: ignore[assignment]
+        return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
 
 
 def dead_letter(queue: str, reason: str, raw: bytes) -> str:

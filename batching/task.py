@@ -127,11 +127,10 @@ def batched(
     )
 
 
-def _model_class(model: Callable[[], Any]) -> type:
+def _model_class(model: Callable[[], Any]) -> Any:
     """The class whose ``run`` defines the per-request signature, without building a model."""
-    if inspect.isclass(model):
-        cls = model
-    else:
+    cls: Any = model
+    if not inspect.isclass(model):
         try:
             cls = typing.get_type_hints(model).get("return")
         except Exception:
@@ -147,7 +146,7 @@ def _model_class(model: Callable[[], Any]) -> type:
     return cls
 
 
-def _per_request_stub(model_class: type) -> Callable[..., Any]:
+def _per_request_stub(model_class: Any) -> Callable[..., Any]:
     """A function with ``model_class.run``'s per-request signature, so Celery tooling shows the right params."""
 
     def run(*args: Any, **kwargs: Any) -> Any:  # pragma: no cover - BatchedTask.__call__ is used instead

@@ -6,7 +6,6 @@ Run a worker with ``celery -A tasks worker`` (or ``python worker.py``); call ``p
 from __future__ import annotations
 
 import functools
-import os
 
 from celery import Celery
 
@@ -14,16 +13,10 @@ from batching import batched
 
 from .model import SentimentModel
 
-app = Celery(
-    "tasks",
-    broker=os.environ.get("REDIS_URL", "redis://localhost:6379/0"),
-    backend=os.environ.get("REDIS_URL", "redis://localhost:6379/0"),
-)
-app.conf.update(
-    result_expires=3600,
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=True,
-)
+app = Celery("tasks")
+# A module path, so settings (and REDIS_URL) are read on first use: an entry point such as tasks.demo can choose
+# the Redis before anything connects.
+app.config_from_object("tasks.celeryconfig")
 
 
 @functools.cache

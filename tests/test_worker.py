@@ -80,7 +80,7 @@ def test_wrong_result_count_fails_the_batch_saying_both_lengths(shop, shop_worke
 def test_client_rejects_bad_calls_before_sending(shop):
     with pytest.raises(TypeError, match="missing required argument"):
         shop.predict.delay()
-    with pytest.raises(TypeError, match="unexpected argument.*colour"):
+    with pytest.raises(TypeError, match=r"unexpected argument.*colour"):
         shop.predict.delay(text="x", colour="red")
     with pytest.raises(TypeError, match="multiple values"):
         shop.predict.delay("x", text="y")
@@ -93,7 +93,7 @@ def test_send_task_by_name_with_missing_argument_fails_alone(shop, shop_worker):
     unknown = shop.app.send_task(shop.predict.name, kwargs={"text": "a", "colour": "red"})
     good = shop.app.send_task(shop.predict.name, args=["ok"])
     assert good.get(timeout=30) == "OK"
-    with pytest.raises(MissingArgumentError, match="missing required argument.*text"):
+    with pytest.raises(MissingArgumentError, match=r"missing required argument.*text"):
         bad.get(timeout=30)
     with pytest.raises(UnexpectedArgumentError, match="colour"):
         unknown.get(timeout=30)

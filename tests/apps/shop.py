@@ -51,7 +51,7 @@ class CountingModel:
         return self.run_batch([text], [flag], [limit], [tag])[0]
 
     def run_batch(self, text, flag, limit, tag):
-        return [{"text": t, "flag": f, "limit": n, "tag": g} for t, f, n, g in zip(text, flag, limit, tag)]
+        return [{"text": t, "flag": f, "limit": n, "tag": g} for t, f, n, g in zip(text, flag, limit, tag, strict=True)]
 
 
 counting = batched(app, model=CountingModel, name="shop.counting", batch_size=32, max_delay=0.01)
