@@ -59,10 +59,12 @@ class Batcher:
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Submit one request and block until its batch has run."""
-        call = _Call(args, kwargs, self._clock())
         with self._cond:
             if self._stopped:
                 raise BatcherStopped(f"batcher {self.model_name!r} is stopped")
+            # Stamped under the lock so that arrival times rise along the queue: the flush policy reads the
+            # oldest request's time from the head of the queue.
+            call = _Call(args, kwargs, self._clock())
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._loop, name=f"batcher-{self.model_name}", daemon=True
@@ -104,8 +106,18 @@ class Batcher:
             try:
                 outcomes = execute(self._spec, self._run_batch, [(c.args, c.kwargs) for c in batch])
             except BaseException as exc:  # never leave a caller blocked, even on SystemExit in the model
+                # The batch thread ends here, so nothing would serve the calls still queued or yet to come:
+                # stop the batcher, so that they fail with BatcherStopped instead of waiting forever.
+                with self._cond:
+                    self._stopped = True
+                    waiting = list(self._pending)
+                    self._pending.clear()
                 for call in batch:
                     call.future.set_exception(exc)
+                for call in waiting:
+                    call.future.set_exception(
+                        BatcherStopped(f"batcher {self.model_name!r} stopped: its batch thread died of {exc!r}")
+                    )
                 raise
             for call, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, Exception):

@@ -52,19 +52,22 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
     task: str | None = None
     try:
         envelope = json_loads(raw)
-        if not isinstance(envelope, dict) or "body" not in envelope:
+        if not isinstance(envelope, dict):
             raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
+        # Headers first: once the task id is known, any later failure can still be stored as that task's FAILURE.
         headers = _mapping(envelope.get("headers"), "headers")
-        properties = _mapping(envelope.get("properties"), "properties")
         task_id = _text_or_none(headers.get("id"))
         task = _text_or_none(headers.get("task"))
+        if "body" not in envelope:
+            raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
+        properties = _mapping(envelope.get("properties"), "properties")
         body = _payload(envelope, headers, properties, accept)
         if "task" in headers:
-            request = _protocol2(body, headers, properties)
-        else:
-            request = _protocol1(body, headers, properties)
-            task_id, task = request.id, request.task
-        return request
+            return _protocol2(body, headers, properties)
+        if isinstance(body, dict):  # protocol 1 keeps the id in the body
+            task_id = _text_or_none(body.get("id"))
+            task = _text_or_none(body.get("task"))
+        return _protocol1(body, headers, properties)
     except MessageError as exc:
         return Undecodable(exc, task_id, task)
     except Exception as exc:  # any other decoder failure is still just a bad message

@@ -27,6 +27,8 @@ class CallSpec:
     names: tuple[str, ...]
     defaults: Mapping[str, Any]
     accepts_any_keyword: bool = False
+    #: Parameters after ``*`` (or ``*args``): they cannot be filled positionally, as in a plain Python call.
+    keyword_only: frozenset[str] = frozenset()
 
     @classmethod
     def from_callable(cls, fn: Callable[..., Any]) -> CallSpec:
@@ -37,6 +39,7 @@ class CallSpec:
             raise ConfigurationError(f"cannot read the signature of {fn!r}: {exc}") from exc
         names: list[str] = []
         defaults: dict[str, Any] = {}
+        keyword_only: set[str] = set()
         any_keyword = False
         for param in sig.parameters.values():
             if param.kind is param.VAR_POSITIONAL:
@@ -47,15 +50,22 @@ class CallSpec:
                 any_keyword = True
                 continue
             names.append(param.name)
+            if param.kind is param.KEYWORD_ONLY:
+                keyword_only.add(param.name)
             if param.default is not REQUIRED:
                 defaults[param.name] = param.default
         if not names and not any_keyword:
             raise ConfigurationError(f"{fn!r} takes no parameters: there is nothing to batch")
-        return cls(tuple(names), defaults, any_keyword)
+        return cls(tuple(names), defaults, any_keyword, frozenset(keyword_only))
 
     @property
     def required(self) -> tuple[str, ...]:
         return tuple(n for n in self.names if n not in self.defaults)
+
+    @property
+    def positional(self) -> tuple[str, ...]:
+        """The parameters a positional argument can fill, in order (keyword-only ones always come last)."""
+        return tuple(n for n in self.names if n not in self.keyword_only)
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Map one request's positional and keyword arguments to parameter names, without filling defaults.
@@ -63,11 +73,12 @@ class CallSpec:
         Raises ``UnexpectedArgumentError`` (a ``TypeError``) for surplus positionals, unknown or doubled names, and
         ``MissingArgumentError`` (a ``ValueError`` and a ``TypeError``) naming every required argument left out.
         """
-        if len(args) > len(self.names):
+        positional = self.positional
+        if len(args) > len(positional):
             raise UnexpectedArgumentError(
-                f"takes {len(self.names)} positional argument(s) ({', '.join(self.names)}) but {len(args)} were given"
+                f"takes {len(positional)} positional argument(s) ({', '.join(positional)}) but {len(args)} were given"
             )
-        bound = dict(zip(self.names, args, strict=False))
+        bound = dict(zip(positional, args, strict=False))
         doubled = sorted(set(bound) & set(kwargs))
         if doubled:
             raise UnexpectedArgumentError(f"got multiple values for argument(s): {', '.join(doubled)}")
@@ -132,7 +143,13 @@ def split(results: Any, size: int) -> list[Any]:
             f"run_batch must return a sequence with one result per request; got {type(results).__name__} "
             f"for a batch of {size}"
         )
-    out = list(results)
+    try:
+        out = list(results)
+    except TypeError as exc:  # sized but not iterable, e.g. a 0-d numpy array
+        raise BatchResultError(
+            f"run_batch must return a sequence with one result per request; got {type(results).__name__} "
+            f"for a batch of {size}: {exc}"
+        ) from exc
     if len(out) != size:
         raise BatchResultError(f"run_batch returned {len(out)} results for a batch of {size} requests")
     return out
