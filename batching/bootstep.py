@@ -51,7 +51,7 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         for consumer in self.consumers:
-            consumer._stop.set()  # signal all first, so they wind down in parallel
+            consumer.request_stop()  # signal all first, so they wind down in parallel
         for consumer in self.consumers:
             consumer.stop(STOP_TIMEOUT_S)
         self.consumers.clear()

@@ -1,30 +1,43 @@
-"""The batching consumer: one thread per batched task, draining that task's Redis queue in batches.
+"""The batching consumer: three threads per batched task, draining that task's Redis queue in batches.
 
-The data path, top to bottom: claim the oldest messages (``store``) until the flush policy says run, decode them
-(``codec``), set aside the ones that cannot run now (bad, expired, not yet due), merge the rest into one
-``run_batch`` call and split its results (``merge``), store every outcome in the result backend (``results``), then
-finish the claim (``store``) — after the results, so a crash in between repeats work rather than losing it.
+The data path, top to bottom:
+
+1. fetch thread — claim the oldest messages (``store``) and sort them (``triage``) until the flush policy says
+   the batch should run; while the model is still busy with the previous batch, keep topping this one up, so
+   batches fill by themselves under load. It holds at most one batch ahead, so other consumers still get work.
+2. model thread — merge the batch into one ``run_batch`` call and split its results (``merge``), within the
+   task's time limits (``limits``).
+3. keeper thread — store every outcome in the result backend (``results``), then finish the claim (``store``):
+   after the results, so a crash in between repeats work rather than losing it. Between batches it extends the
+   leases of this consumer's claims and re-queues the claims of consumers whose leases ran out.
+
+Writing batch *k*'s results overlaps the model running batch *k+1*, which overlaps claiming batch *k+2*.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import queue
+import socket
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
-from celery import states
-from celery.app.task import Context
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 
-from .codec import Request, Undecodable, decode
-from .errors import BrokerError, MessageError
-from .keys import QueueKeys
+from .deadletters import failures_for
+from .limits import TimeLimits, Watchdog
 from .merge import execute
+from .outage import REDIS_ERRORS, RETRY_MIN_S, Outage, next_backoff
 from .results import Outcome, ResultWriter
-from .store import Claim, Finish, QueueStore
+from .store import QueueStore
+from .triage import Batch, Rules, triage
 
 if TYPE_CHECKING:
     from .task import BatchedTask
@@ -34,8 +47,17 @@ logger = logging.getLogger(__name__)
 #: Longest single blocking read while idle, in seconds: bounds how late a stop request or a message on a
 #: non-default priority list (Redis can block on one list only) is noticed.
 IDLE_POLL_S = 1.0
-#: Backoff between reconnection attempts while Redis is unreachable, in seconds.
-RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 5.0
+#: While the model is busy, how often the batch in hand is topped up from Redis (doubling while nothing comes).
+TOPUP_MIN_S, TOPUP_MAX_S = 0.002, 0.02
+_STOP: Any = object()
+
+
+@dataclass
+class _Running:
+    """The batch on the model thread; the hard time limit and the model race to settle it, under a lock."""
+
+    batch: Batch
+    settled: bool = False
 
 
 class BatchConsumer:
@@ -44,198 +66,309 @@ class BatchConsumer:
     def __init__(self, task: BatchedTask, *, hostname: str = "") -> None:
         self.task = task
         self.config = task.batching
-        self.hostname = hostname
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._store: QueueStore | None = None
+        self.consumer_id = f"{hostname or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.rules = Rules(
+            task_name=task.name,
+            queue=self.config.queue,
+            # Content types as kombu's registry checks them ('json' -> 'application/json').
+            accept=prepare_accept_content(task.app.conf.accept_content),
+            max_message_bytes=self.config.max_message_bytes,
+            hostname=hostname,
+            ignore_result=bool(task.ignore_result),
+        )
+        self.outage = Outage(task.name)
+        self.store: QueueStore | None = None
+        self.writer: ResultWriter | None = None
         self._connection: Any = None
-        self._writer: ResultWriter | None = None
-        # Content types as kombu's registry checks them ('json' -> 'application/json').
-        self._accept = prepare_accept_content(task.app.conf.accept_content)
+        self._stopping = threading.Event()
+        self._model_idle = threading.Event()
+        self._handoff: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Connect (failing loudly on a broker that cannot work) and serve in a daemon thread."""
-        self.connect()
-        self._thread = threading.Thread(target=self.run, name=f"batching-{self.task.name}", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop claiming; the batch in hand is finished and stored before the thread ends."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
     def connect(self) -> QueueStore:
-        """A redis-py client on the app's own broker connection pool (URL, TLS, Sentinel, transport options)."""
-        app = self.task.app
-        connection = app.connection_for_read()
-        if connection.transport.driver_type != "redis":
-            raise BrokerError(
-                f"batched task {self.task.name!r} needs a Redis broker; this app's broker is "
-                f"{connection.transport.driver_type!r} ({connection.as_uri()})"
-            )
-        channel = connection.default_channel
-        client = redis.Redis(connection_pool=channel.pool)
-        keys = QueueKeys(
-            self.config.queue,
-            prefix=channel.global_keyprefix or "",
-            sep=channel.sep,
-            priority_steps=tuple(channel.priority_steps),
-        )
-        if self._connection is not None:
-            self._connection.release()
-        self._connection = connection
-        self._store = QueueStore(client, keys, lease_s=self.config.lease_s)
-        self._writer = ResultWriter(app.backend)
-        return self._store
+        """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
+        self.store, self._connection = QueueStore.open(self.task)
+        self.writer = ResultWriter(self.task.app.backend)
+        return self.store
 
-    def run(self) -> None:
-        """Thread body: serve batches until stopped, riding out Redis outages with capped backoff."""
-        backoff = RECONNECT_MIN_S
-        outage_since: float | None = None
-        while not self._stop.is_set():
-            try:
-                if self._store is None:
-                    self.connect()
-                self.serve_once()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    logger.warning(
-                        "batching %s: Redis unreachable (%s); claimed work stays in Redis, retrying with backoff up "
-                        "to %.0fs until it is back", self.task.name, exc, RECONNECT_MAX_S,
-                    )
-                self._store = None
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, RECONNECT_MAX_S)
-                continue
-            except Exception:
-                # A bug of ours must not end the consumer silently: log it, back off, keep serving. What was
-                # claimed stays claimed in Redis.
-                logger.exception("batching %s: unexpected error; continuing", self.task.name)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, RECONNECT_MAX_S)
-                continue
-            if outage_since is not None:
-                logger.warning(
-                    "batching %s: Redis is back after %.1fs; serving again",
-                    self.task.name, time.monotonic() - outage_since,
-                )
-                outage_since = None
-            backoff = RECONNECT_MIN_S
-        if self._connection is not None:
-            self._connection.release()
+    def start(self) -> None:
+        """Connect (failing loudly on a broker that cannot work) and serve in daemon threads."""
+        if self.store is None:
+            self.connect()
+        for name, target in (("fetch", self._fetch_loop), ("model", self._model_loop), ("keeper", self._keeper_loop)):
+            thread = threading.Thread(target=target, name=f"batching-{name}-{self.task.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    # -- one batch ---------------------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stopping.set()
 
-    def serve_once(self, idle_timeout_s: float = IDLE_POLL_S) -> int:
-        """Collect one batch (waiting at most ``idle_timeout_s`` for a first message) and process it.
+    def stop(self, timeout: float | None = None) -> bool:
+        """Warm stop: claim nothing more, give back what has not started, finish and store the batch in hand.
 
-        Returns the number of messages claimed (0 if the queue stayed empty).
+        Returns True if every thread ended within ``timeout``.
         """
-        claim = self.collect(idle_timeout_s)
-        if claim is None:
-            return 0
-        self.process(claim)
-        return len(claim)
+        self._stopping.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            logger.warning("batching %s: still busy at shutdown (%s); its claims will be recovered by lease",
+                           self.task.name, ", ".join(alive))
+        elif self._connection is not None:
+            self._connection.release()
+        return not alive
 
-    def collect(self, idle_timeout_s: float) -> Claim | None:
-        """Claim messages until the flush policy says the batch should run."""
+    # -- fetch thread ------------------------------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        backoff = RETRY_MIN_S
+        while not self._stopping.is_set():
+            batch: Batch | None = None
+            try:
+                batch = self.collect()
+                if batch is not None:
+                    self._hand_off(batch)
+                self.outage.ok()
+                backoff = RETRY_MIN_S
+            except REDIS_ERRORS as exc:
+                self.outage.failed(exc)
+            except Exception:
+                # A bug of ours must not end the consumer silently: log it, back off, keep serving.
+                logger.exception("batching %s: unexpected error while claiming; continuing", self.task.name)
+            else:
+                continue
+            if batch is not None:
+                self._untrack(batch)  # its lease runs out and any consumer re-queues it
+            self._stopping.wait(backoff)
+            backoff = next_backoff(backoff)
+        self._release_unstarted()
+        self._handoff.put(_STOP)
+
+    def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
+        """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
         store = self._require_store()
         policy = self.config.policy
-        claim = store.new_claim()
+        batch = Batch(store.new_claim())
+        self._track(batch)
         oldest: float | None = None
         idle_until = time.monotonic() + idle_timeout_s
         while True:
-            missing = policy.batch_size - len(claim)
-            if missing > 0 and store.claim(claim, missing) and oldest is None:
+            if self._top_up(batch) and oldest is None:
                 oldest = time.monotonic()
             now = time.monotonic()
-            wait = policy.wait_s(now, oldest, len(claim))
-            if wait is None:
-                return claim
-            if not claim and (now >= idle_until or self._stop.is_set()):
+            wait = policy.wait_s(now, oldest, len(batch.claim))
+            if wait is None or (batch.claim and self._stopping.is_set()):
+                return batch
+            if not batch.claim and (now >= idle_until or self._stopping.is_set()):
+                self._untrack(batch)
                 return None
-            timeout = min(wait, idle_until - now if not claim else wait, IDLE_POLL_S)
-            if claim.next_eta is not None:
-                timeout = min(timeout, max(claim.next_eta - time.time(), 0.0))
+            timeout = min(wait, IDLE_POLL_S, idle_until - now if not batch.claim else wait)
+            if batch.claim.next_eta is not None:
+                timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
             store.wait(timeout)
 
-    def process(self, claim: Claim) -> None:
-        """Decode, run, store results, finish the claim."""
-        store = self._require_store()
-        assert self._writer is not None
-        outcomes: list[Outcome] = []
-        finish = Finish()
-        runnable: list[Request] = []
-        now = time.time()
-        accept = self._accept
-        for raw in claim.raws:
-            item = decode(raw, accept)
-            if isinstance(item, Undecodable):
-                if item.task_id is not None:
-                    outcomes.append(Outcome.failure(item.task_id, item.error))
-                else:
-                    logger.warning("batching %s: dead-lettered a message: %s", self.task.name, item.error)
-                    finish.dead.append((str(item.error), raw))
-            elif item.task != self.task.name:
-                error = MessageError(
-                    f"task {item.task!r} was sent to the batch queue {self.config.queue!r}, which only serves "
-                    f"{self.task.name!r}"
-                )
-                outcomes.append(Outcome.failure(item.id, error, self._context(item)))
-            elif item.expires is not None and item.expires <= now:
-                outcomes.append(Outcome(item.id, states.REVOKED, TaskRevokedError("expired"), self._context(item)))
-            elif item.eta is not None and item.eta > now:
-                finish.delayed.append((item.eta, raw))
-            else:
-                runnable.append(item)
-        if runnable:
-            outcomes.extend(self._run(runnable))
-        self._writer.write(outcomes)
-        finish.ran = len(runnable)
-        store.finish(claim, finish)
+    def _top_up(self, batch: Batch) -> int:
+        missing = self.config.policy.batch_size - len(batch.claim)
+        if missing <= 0:
+            return 0
+        claim = batch.claim
+        before = len(claim.raws)
+        taken = self._require_store().claim(claim, missing)
+        if taken:
+            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+        return taken
 
-    def _run(self, batch: list[Request]) -> list[Outcome]:
+    def _hand_off(self, batch: Batch) -> None:
+        """Give the batch to the model thread once it is free, topping the batch up while it is not."""
+        if not batch.runnable:
+            self._done.put(batch)  # nothing to run: settle and finish it straight away
+            return
+        poll = TOPUP_MIN_S
+        while not self._model_idle.wait(poll):
+            if self._stopping.is_set():
+                self._release(batch)
+                return
+            poll = TOPUP_MIN_S if self._top_up(batch) else min(poll * 2, TOPUP_MAX_S)
+        self._model_idle.clear()  # the model thread sets it again only when it wants the next batch
+        self._handoff.put(batch)
+
+    def _release_unstarted(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._handoff.get_nowait()
+                if item is not _STOP:
+                    self._release(item)
+
+    def _release(self, batch: Batch) -> None:
+        """Give a batch that never started back to the front of its queue."""
+        if batch.claim:
+            try:
+                requeued = self._require_store().release([batch.claim.claim_id])
+                logger.info("batching %s: gave %d unstarted message(s) back to the queue", self.task.name, requeued)
+            except REDIS_ERRORS as exc:
+                logger.warning("batching %s: could not give back %d message(s) (%s); their lease will",
+                               self.task.name, len(batch.claim), exc)
+        self._untrack(batch)
+
+    # -- model thread ------------------------------------------------------------------------------------------
+
+    def _model_loop(self) -> None:
+        while True:
+            self._model_idle.set()
+            batch = self._handoff.get()
+            self._model_idle.clear()
+            if batch is _STOP:
+                self._done.put(_STOP)
+                return
+            self.run(batch)
+
+    def run(self, batch: Batch) -> None:
+        """Run the batch's requests through the model and pass every outcome on to the keeper."""
+        running = _Running(batch)
+        limits = TimeLimits.for_batch(self.task, [c.timelimit for c in batch.contexts])
+        results: list[Any] | None = None
+        try:
+            with Watchdog(limits, lambda: self._abandon(running, limits)):
+                results = self._call_model(batch)
+        except SoftTimeLimitExceeded as exc:  # the soft limit fired as the call returned
+            if results is None:
+                results = [exc] * len(batch.runnable)
+        with self._lock:
+            if running.settled:
+                logger.warning("batching %s: an abandoned run_batch call returned after its hard time limit; "
+                               "its results were discarded", self.task.name)
+                return
+            running.settled = True
+        for request, context, result in zip(batch.runnable, batch.contexts, results, strict=True):
+            batch.settled.append(Outcome.of(request.id, result, context))
+        self._done.put(batch)
+
+    def _call_model(self, batch: Batch) -> list[Any]:
         try:
             run_batch = self.config.run_batch()
         except Exception as exc:  # a model that cannot load fails this batch; the next batch tries again
             logger.exception("batching %s: building the model failed", self.task.name)
-            results: list[Any] = [exc] * len(batch)
-        else:
-            results = execute(self.config.spec, run_batch, [(r.args, r.kwargs) for r in batch])
-        out = []
-        for request, result in zip(batch, results, strict=True):
-            context = self._context(request)
-            if isinstance(result, Exception):
-                out.append(Outcome.failure(request.id, result, context))
-            else:
-                out.append(Outcome(request.id, states.SUCCESS, result, context))
-        return out
-
-    def _context(self, request: Request) -> Context:
-        """The task request as Celery's tracer would see it (result metadata, result_extended, chords)."""
-        h = request.headers
-        return Context(
-            id=request.id,
-            task=request.task,
-            args=request.args,
-            kwargs=request.kwargs,
-            group=h.get("group"),
-            group_index=h.get("group_index"),
-            parent_id=h.get("parent_id"),
-            root_id=h.get("root_id"),
-            retries=h.get("retries", 0),
-            hostname=self.hostname,
-            delivery_info={"routing_key": self.config.queue},
-            ignore_result=bool(h.get("ignore_result")) or self.task.ignore_result,
-            **request.embed,
+            return [exc] * len(batch.runnable)
+        return execute(
+            self.config.spec, run_batch, [(r.args, r.kwargs) for r in batch.runnable],
+            isolate=self.config.isolate_errors,
         )
 
+    def _abandon(self, running: _Running, limits: TimeLimits) -> None:
+        """Hard time limit (timer thread): fail the batch now; the model's late answer is dropped."""
+        with self._lock:
+            if running.settled:
+                return
+            running.settled = True
+        batch = running.batch
+        logger.error("batching %s: run_batch exceeded its hard time limit of %ss on a batch of %d; failing it, "
+                     "no further batch starts until the call returns", self.task.name, limits.hard, len(batch.runnable))
+        for request, context in zip(batch.runnable, batch.contexts, strict=True):
+            error = TimeLimitExceeded(f"run_batch exceeded the hard time limit ({limits.hard}s)")
+            batch.settled.append(Outcome.failure(request.id, error, context))
+        self._done.put(batch)
+
+    # -- keeper thread -----------------------------------------------------------------------------------------
+
+    def _keeper_loop(self) -> None:
+        beat_s = self.config.lease_s / 4
+        next_beat = 0.0
+        while True:
+            try:
+                item = self._done.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                self._settle(item)
+            if time.monotonic() >= next_beat:
+                self._maintain()
+                next_beat = time.monotonic() + beat_s
+        with contextlib.suppress(*REDIS_ERRORS):
+            self._require_store().leave(self.consumer_id)
+
+    def _settle(self, batch: Batch) -> None:
+        """Store the batch's outcomes, then finish its claim; retried through Redis outages."""
+        store, writer = self._require_store(), self.writer
+        assert writer is not None
+        batch.finish.ran = len(batch.runnable)
+        backoff = RETRY_MIN_S
+        while True:
+            try:
+                writer.write(batch.settled)
+                if batch.claim and not store.finish(batch.claim, batch.finish):
+                    logger.warning("batching %s: a claim of %d message(s) outlived its lease and was re-queued; "
+                                   "they may run again", self.task.name, len(batch.claim))
+                self.outage.ok()
+                break
+            except REDIS_ERRORS as exc:
+                self.outage.failed(exc)
+                time.sleep(backoff)
+                backoff = next_backoff(backoff)
+        for reason, _raw in batch.finish.dead:
+            logger.warning("batching %s: dead-lettered a message: %s", self.task.name, reason)
+        self._untrack(batch)
+
+    def _maintain(self) -> None:
+        """Keep our leases alive and recover the claims of consumers that died."""
+        store = self._require_store()
+        try:
+            with self._lock:
+                active = list(self._active)
+            store.heartbeat(self.consumer_id, active)
+            requeued, dead = store.recover()
+        except REDIS_ERRORS as exc:
+            self.outage.failed(exc)
+            return
+        if requeued or dead:
+            logger.warning("batching %s: re-queued %d message(s) from expired claims, dead-lettered %d",
+                           self.task.name, requeued, len(dead))
+        if dead:
+            with contextlib.suppress(*REDIS_ERRORS):
+                assert self.writer is not None
+                self.writer.write(failures_for(dead, self.rules.accept, store.max_deliveries))
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _track(self, batch: Batch) -> None:
+        with self._lock:
+            self._active.add(batch.claim.claim_id)
+
+    def _untrack(self, batch: Batch) -> None:
+        with self._lock:
+            self._active.discard(batch.claim.claim_id)
+
     def _require_store(self) -> QueueStore:
-        if self._store is None:
+        if self.store is None:
             self.connect()
-        assert self._store is not None
-        return self._store
+        assert self.store is not None
+        return self.store
+
+    def drain(self, max_batches: int = 1000) -> int:
+        """Serve synchronously until the queue is empty (tests, scripts); returns messages claimed."""
+        total = 0
+        for _ in range(max_batches):
+            batch = self.collect(idle_timeout_s=0.0)
+            if batch is None:
+                break
+            total += len(batch.claim)
+            if batch.runnable:
+                self.run(batch)
+            else:
+                self._done.put(batch)
+            while True:
+                try:
+                    item = self._done.get_nowait()
+                except queue.Empty:
+                    break
+                self._settle(item)
+        return total

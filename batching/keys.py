@@ -63,6 +63,16 @@ class QueueKeys:
         return self._own("dead")
 
     @property
+    def deliveries(self) -> str:
+        """Hash: sha1 of a raw message -> deliveries that never finished (exists only after a crash)."""
+        return self._own("deliveries")
+
+    @property
+    def consumers(self) -> str:
+        """Sorted set: consumer id -> last heartbeat (unix seconds), for status and liveness."""
+        return self._own("consumers")
+
+    @property
     def stats(self) -> str:
         """Hash of counters: ``size:<n>`` batches of n requests run, ``requests`` in all."""
         return self._own("stats")

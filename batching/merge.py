@@ -9,11 +9,21 @@ outcomes. Nothing here does I/O, so the in-process ``Batcher`` and the Redis con
 from __future__ import annotations
 
 import inspect
+import logging
+import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
 from .errors import BatchResultError, ConfigurationError, MissingArgumentError, UnexpectedArgumentError
+
+logger = logging.getLogger(__name__)
+
+#: Errors that say nothing about the inputs: re-running halves of the batch would only repeat them.
+NEVER_BISECT: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded, TimeLimitExceeded, MemoryError)
 
 #: Marks a parameter without a default. ``inspect.Parameter.empty`` is not used directly so that a default of
 #: ``None``, ``0``, ``False`` or ``""`` is never confused with "required" (a bug of the batcher this replaces).
@@ -156,22 +166,78 @@ def split(results: Any, size: int) -> list[Any]:
 
 
 def execute(
-    spec: CallSpec, run_batch: Callable[..., Any], requests: Sequence[tuple[Sequence[Any], Mapping[str, Any]]]
+    spec: CallSpec,
+    run_batch: Callable[..., Any],
+    requests: Sequence[tuple[Sequence[Any], Mapping[str, Any]]],
+    *,
+    isolate: bool = False,
 ) -> list[Any]:
     """Run one batch and return one outcome per request, in request order; an ``Exception`` is a failure.
 
-    Requests that cannot be bound fail alone. If ``run_batch`` raises, or returns the wrong number of results,
-    every request that reached it fails with that error.
+    Requests that cannot be bound fail alone. A result list of the wrong length fails every request that reached
+    ``run_batch`` (the model is wrong, not an input). If ``run_batch`` raises, every request fails with that error
+    — unless ``isolate``, in which case the batch is bisected to find the request(s) that make it raise: innocent
+    requests get their results and only the culprits fail, with the exception their own sub-batch raised.
     """
     merged = spec.merge(requests)
     outcomes: list[Any] = [None] * len(requests)
     for index, exc in merged.rejected.items():
         outcomes[index] = exc
     if merged.positions:
-        try:
-            results = split(run_batch(**merged.kwargs), len(merged))
-        except Exception as exc:  # the model's own error, whatever its type, belongs to each request
-            results = [exc] * len(merged)
+        results = _run(run_batch, merged.kwargs, len(merged), isolate)
         for index, result in zip(merged.positions, results, strict=True):
             outcomes[index] = result
     return outcomes
+
+
+def _run(run_batch: Callable[..., Any], kwargs: dict[str, list[Any]], size: int, isolate: bool) -> list[Any]:
+    try:
+        return split(run_batch(**kwargs), size)
+    except BatchResultError as exc:
+        return [exc] * size
+    except Exception as exc:  # the model's own error, whatever its type, belongs to the requests that caused it
+        if not isolate or size == 1 or isinstance(exc, NEVER_BISECT):
+            return [exc] * size
+        return _bisect(run_batch, kwargs, size, exc)
+
+
+def _bisect(run_batch: Callable[..., Any], kwargs: dict[str, list[Any]], size: int, error: Exception) -> list[Any]:
+    """Re-run halves of a failing batch until each failure is pinned on single requests.
+
+    One culprit among n costs 2·log2(n) extra calls (12 for 64). The budget allows for about two culprits; past
+    it the undecided requests fail with the error of the sub-batch they were in, as without isolation. Bisecting
+    assumes the model is deterministic; a flaky model just shows up as more innocents succeeding.
+    """
+    budget = 4 * max(1, math.ceil(math.log2(size)))
+    results: list[Any] = [error] * size
+    half = size // 2
+    pending: deque[list[int]] = deque([list(range(half)), list(range(half, size))])
+    calls = culprits = 0
+    exhausted = False
+    while pending:
+        idx = pending.popleft()
+        if calls >= budget:
+            exhausted = True
+            continue  # results[idx] already hold the error of the batch they were in
+        calls += 1
+        sub = {name: [values[i] for i in idx] for name, values in kwargs.items()}
+        try:
+            for i, result in zip(idx, split(run_batch(**sub), len(idx)), strict=True):
+                results[i] = result
+        except BatchResultError as exc:
+            for i in idx:
+                results[i] = exc
+        except Exception as exc:
+            if len(idx) == 1:
+                results[idx[0]] = exc
+                culprits += 1
+            else:
+                for i in idx:
+                    results[i] = exc
+                mid = len(idx) // 2
+                pending.extend([idx[:mid], idx[mid:]])
+    logger.warning(
+        "run_batch raised %s on a batch of %d; bisected with %d extra call(s): %d request(s) failing on their own%s",
+        type(error).__name__, size, calls, culprits, ", budget spent before isolating all" if exhausted else "",
+    )
+    return results

@@ -37,6 +37,13 @@ class Outcome:
     traceback: str | None = None
 
     @classmethod
+    def of(cls, task_id: str, result: Any, request: Context | None = None) -> Outcome:
+        """SUCCESS with ``result``, or FAILURE if ``result`` is an exception (the batch contract)."""
+        if isinstance(result, Exception):
+            return cls.failure(task_id, result, request)
+        return cls(task_id, states.SUCCESS, result, request)
+
+    @classmethod
     def failure(cls, task_id: str, exc: BaseException, request: Context | None = None) -> Outcome:
         trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
         return cls(task_id, states.FAILURE, exc, request, trace)

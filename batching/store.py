@@ -1,20 +1,25 @@
-"""The Redis side of a batched queue: claim the oldest messages, wait for more, finish a claim.
+"""The Redis side of a batched queue: claim the oldest messages, wait for more, finish, release or recover claims.
 
 Every state change is one Lua script, so a message is always either in its queue, in exactly one consumer's
 claim, parked until its ETA, or dead-lettered; the scripts live in ``lua/`` with their contracts in their headers.
+A claim is owned through its random id (a token only its consumer knows) and held by a lease deadline that the
+consumer's heartbeat keeps pushing forward; once the deadline has passed, any consumer may put it back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis
 
+from .errors import BrokerError
 from .keys import QueueKeys
 
 
@@ -30,6 +35,8 @@ class Claim:
     raws: list[bytes] = field(default_factory=list)
     #: Unix time of the earliest parked (ETA) message, if any, so the consumer can wake for it.
     next_eta: float | None = None
+    #: How many times the (single) message of this claim was handed out before without finishing.
+    redelivered: int = 0
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -47,27 +54,67 @@ class Finish:
 class QueueStore:
     """Claims and finishes batches of one queue through a redis-py client of the app's broker."""
 
-    def __init__(self, client: redis.Redis, keys: QueueKeys, *, lease_s: float = 60.0) -> None:
+    def __init__(self, client: redis.Redis, keys: QueueKeys, *, lease_s: float = 20.0, max_deliveries: int = 3) -> None:
         self.client = client
         self.keys = keys
         self.lease_s = lease_s
+        self.max_deliveries = max_deliveries
         self._claim = _script(client, "claim.lua")
         self._ack = _script(client, "ack.lua")
+        self._requeue = _script(client, "requeue.lua")
+
+    @classmethod
+    def open(cls, task: Any) -> tuple[QueueStore, Any]:
+        """The store of a batched task's queue, on the app's own broker settings, and the kombu connection behind it.
+
+        The redis-py client shares kombu's connection pool, so URL, password, ``rediss://`` TLS and Sentinel all
+        work as for ``.delay()``; keys follow the transport's ``global_keyprefix``, ``sep`` and
+        ``priority_steps``. Raises ``BrokerError`` for a broker that is not Redis or cannot be reached.
+        """
+        connection = task.app.connection_for_read()
+        if connection.transport.driver_type != "redis":
+            raise BrokerError(
+                f"batched task {task.name!r} needs a Redis broker; this app's broker is "
+                f"{connection.transport.driver_type!r} ({connection.as_uri()})"
+            )
+        try:
+            channel = connection.default_channel
+        except Exception as exc:
+            raise BrokerError(f"batched task {task.name!r} cannot reach its broker {connection.as_uri()}: {exc}") \
+                from exc
+        keys = QueueKeys(
+            task.batching.queue,
+            prefix=channel.global_keyprefix or "",
+            sep=channel.sep,
+            priority_steps=tuple(channel.priority_steps),
+        )
+        client = redis.Redis(connection_pool=channel.pool)
+        store = cls(client, keys, lease_s=task.batching.lease_s, max_deliveries=task.batching.max_deliveries)
+        return store, connection
 
     def new_claim(self) -> Claim:
         return Claim(uuid.uuid4().hex)
 
     def claim(self, into: Claim, count: int) -> int:
-        """Move up to ``count`` of the oldest messages into ``into``; return how many were taken."""
+        """Move up to ``count`` of the oldest messages into ``into``; return how many were taken.
+
+        A message that was handed out before without finishing comes alone (``into.redelivered`` says how often).
+        """
+        if into.redelivered:
+            return 0  # a suspect message runs alone
         now = time.time()
         k = self.keys
         reply = self._claim(
-            keys=[k.claims, k.claim(into.claim_id), k.delayed, *k.lists],
+            keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, *k.lists],
             args=[count, into.claim_id, now + self.lease_s, now],
         )
         into.next_eta = float(reply[0]) if reply[0] else None
-        into.raws.extend(reply[1:])
-        return len(reply) - 1
+        taken = reply[2:]
+        if taken and int(reply[1]) and into.raws:
+            raise AssertionError("claim.lua returned a redelivered message into a non-empty claim")
+        into.redelivered = int(reply[1])
+        into.raws.extend(taken)
+        return len(taken)
 
     def wait(self, timeout_s: float) -> None:
         """Block until the default list has a message or ``timeout_s`` passes, without taking anything.
@@ -81,15 +128,87 @@ class QueueStore:
         self.client.blmove(main, main, max(timeout_s, 0.001), "RIGHT", "RIGHT")  # type: ignore[arg-type]
 
     def finish(self, claim: Claim, outcome: Finish) -> bool:
-        """Drop the claim, parking ETA messages and dead letters in the same atomic step."""
+        """Drop the claim, parking ETA messages and dead letters in the same atomic step.
+
+        Returns False if the claim was no longer ours (its lease ran out and it was re-queued meanwhile).
+        """
         k = self.keys
         args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed)]
         for eta, raw in outcome.delayed:
             args += [eta, raw]
         for reason, raw in outcome.dead:
             args.append(dead_letter(k.queue, reason, raw))
-        removed = self._ack(keys=[k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats], args=args)
-        return bool(removed)
+        finished = self._ack(
+            keys=[k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats, k.deliveries], args=args
+        )
+        return bool(finished)
+
+    def release(self, claim_ids: Iterable[str]) -> int:
+        """Give back claims whose batches never started, to the front of their queue; returns messages requeued."""
+        requeued, _dead = self._requeue_claims("release", list(claim_ids))
+        return requeued
+
+    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> None:
+        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive."""
+        now = time.time()
+        with self.client.pipeline(transaction=False) as pipe:
+            for claim_id in claim_ids:
+                pipe.zadd(self.keys.claims, {claim_id: now + self.lease_s}, xx=True)
+            pipe.zadd(self.keys.consumers, {consumer_id: now})
+            pipe.execute()
+
+    def leave(self, consumer_id: str) -> None:
+        self.client.zrem(self.keys.consumers, consumer_id)
+
+    def recover(self, limit: int = 20) -> tuple[int, list[bytes]]:
+        """Re-queue the claims whose lease has run out: their consumer died or hung.
+
+        Returns the number of messages put back and the raw messages dead-lettered for too many deliveries.
+        """
+        expired: list[bytes] = self.client.zrangebyscore(  # type: ignore[assignment]
+            self.keys.claims, "-inf", time.time(), start=0, num=limit
+        )
+        if not expired:
+            return 0, []
+        return self._requeue_claims("expired", [c.decode() for c in expired])
+
+    def _requeue_claims(self, mode: str, claim_ids: list[str]) -> tuple[int, list[bytes]]:
+        if not claim_ids:
+            return 0, []
+        k = self.keys
+        reply = self._requeue(
+            keys=[k.claims, k.deliveries, k.dead, *(k.claim(c) for c in claim_ids)],
+            args=[mode, time.time(), self.max_deliveries, k.queue, *claim_ids],
+        )
+        return int(reply[0]), list(reply[1:])
+
+    def dead_letters(self, start: int = 0, stop: int = -1) -> list[bytes]:
+        """Dead-letter entries, newest first."""
+        return self.client.lrange(self.keys.dead, start, stop)  # type: ignore[return-value]
+
+    def requeue_dead(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
+        """Move dead letters back to the queue as new messages: (entry as stored, raw message) pairs.
+
+        Each entry is removed only if it is still there (``LREM`` returns 1), so two operators re-queuing at once
+        never duplicate a message. Its delivery count starts again from zero.
+        """
+        moved = 0
+        for entry, raw in entries:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.lrem(self.keys.dead, 1, entry)  # type: ignore[arg-type]
+                pipe.hdel(self.keys.deliveries, hashlib.sha1(raw).hexdigest())
+                removed, _ = pipe.execute()
+            if removed:
+                self.client.lpush(self.keys.main, raw)
+                moved += 1
+        return moved
+
+    def purge_dead(self) -> int:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.llen(self.keys.dead)
+            pipe.delete(self.keys.dead)
+            count, _ = pipe.execute()
+        return int(count)
 
     def batch_sizes(self) -> dict[int, int]:
         """Histogram of batch sizes run so far on this queue (all consumers)."""
@@ -98,7 +217,7 @@ class QueueStore:
 
 
 def dead_letter(queue: str, reason: str, raw: bytes) -> str:
-    """A dead-letter entry: JSON that keeps the raw message as text whatever bytes it held."""
+    """A dead-letter entry: JSON that keeps the raw message as text, reversibly whatever bytes it held."""
     return json.dumps(
-        {"queue": queue, "reason": reason, "at": time.time(), "raw": raw.decode("utf-8", "backslashreplace")}
+        {"queue": queue, "reason": reason, "at": time.time(), "raw": raw.decode("utf-8", "surrogateescape")}
     )

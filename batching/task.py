@@ -17,8 +17,13 @@ from .errors import ConfigurationError
 from .merge import CallSpec, execute
 from .policy import FlushPolicy
 
-#: Default seconds a claimed batch stays owned by its consumer before another may recover it.
-DEFAULT_LEASE_S = 60.0
+#: Default seconds a claim outlives its consumer's last heartbeat (sent every lease/4): a dead consumer's batch
+#: is back in its queue within about 1.25 times this.
+DEFAULT_LEASE_S = 20.0
+#: Default deliveries that may end without a result (the consumer died) before a message is dead-lettered.
+DEFAULT_MAX_DELIVERIES = 3
+#: Default largest message, in bytes, that is decoded at all; larger ones fail unread.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -32,6 +37,10 @@ class BatchConfig:
     model_factory: Callable[[], Any] | None = None
     batch_fn: Callable[..., Any] | None = None
     lease_s: float = DEFAULT_LEASE_S
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Bisect a batch whose run_batch raised, so only the requests that cause the error fail.
+    isolate_errors: bool = True
     _model: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -80,6 +89,9 @@ def batched(
     max_delay: float = 0.0,
     queue: str | None = None,
     lease_s: float = DEFAULT_LEASE_S,
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    isolate_errors: bool = True,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -93,18 +105,27 @@ def batched(
     process. ``model`` may also be a zero-argument factory annotated to return the model class.
 
     ``max_delay`` (seconds) bounds how long the oldest request of a forming batch waits for more; 0 never waits.
-    ``queue`` defaults to ``batching.<task name>``. Other keyword arguments are Celery task options.
+    ``queue`` defaults to ``batching.<task name>``. ``lease_s``: how long a claimed batch stays its consumer's
+    after the last heartbeat. ``max_deliveries``: deliveries that end in a consumer crash before a message is
+    dead-lettered. ``max_message_bytes``: larger messages fail without being decoded. ``isolate_errors``: when
+    ``run_batch`` raises, bisect the batch so only the culprit requests fail (False: the whole batch fails).
+    Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...).
     """
     if fn is None and model is None:
         return functools.partial(
             batched, app, name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
+            max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
             **task_options,
         )
     if fn is not None and model is not None:
         raise ConfigurationError("pass either a batch function or model=, not both")
     policy = FlushPolicy(batch_size, float(max_delay))
-    if lease_s <= 0:
-        raise ConfigurationError(f"lease_s must be positive, got {lease_s!r}")
+    if not isinstance(lease_s, (int, float)) or lease_s <= 0:
+        raise ConfigurationError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+    if not isinstance(max_deliveries, int) or max_deliveries < 1:
+        raise ConfigurationError(f"max_deliveries must be an integer >= 1, got {max_deliveries!r}")
+    if not isinstance(max_message_bytes, int) or max_message_bytes < 1:
+        raise ConfigurationError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
     if fn is not None:
         spec = CallSpec.from_callable(fn)
         task_name = name or app.gen_task_name(fn.__name__, fn.__module__)
@@ -117,7 +138,8 @@ def batched(
         body, doc = _per_request_stub(model_class), model_class.__doc__
     config = BatchConfig(
         spec=spec, policy=policy, queue=queue or f"batching.{task_name}", model_factory=model,
-        batch_fn=fn, lease_s=lease_s,
+        batch_fn=fn, lease_s=float(lease_s), max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
+        isolate_errors=isolate_errors,
     )
     from .bootstep import install  # the worker side is wired when the first batched task is defined
 

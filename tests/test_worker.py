@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 import uuid
 from types import ModuleType
 
@@ -23,13 +24,20 @@ def shop(redis_url: str) -> ModuleType:
     return importlib.import_module("tests.apps.shop")
 
 
-def sizes(client: redis.Redis, task) -> dict[int, int]:
-    stats = client.hgetall(QueueKeys(task.batching.queue).stats)
+def sizes(client: redis.Redis, task, *, requests: int | None = None) -> dict[int, int]:
+    """The task's batch-size histogram; with ``requests``, once it counts that many (claims finish just after the
+    results are published, so the last batch may still be on its way)."""
+    key = QueueKeys(task.batching.queue).stats
+    deadline = time.monotonic() + 10
+    while requests is not None and int(client.hget(key, "requests") or 0) < requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = client.hgetall(key)
     return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
 
 
 def test_concurrent_delays_come_back_right_and_batched(shop, shop_worker, rclient):
     before = sizes(rclient, shop.predict)
+    before_requests = int(rclient.hget(QueueKeys(shop.predict.batching.queue).stats, "requests") or 0)
     texts = [f"item-{i}-{uuid.uuid4().hex[:6]}" for i in range(320)]
     results: dict[int, AsyncResult] = {}
 
@@ -48,7 +56,7 @@ def test_concurrent_delays_come_back_right_and_batched(shop, shop_worker, rclien
     assert values == [t.upper() if i % 3 else f"{t.upper()}*2.0" for i, t in enumerate(texts)]
     assert all(r.state == states.SUCCESS for r in collected.results)
 
-    after = sizes(rclient, shop.predict)
+    after = sizes(rclient, shop.predict, requests=before_requests + len(texts))
     ran = {n: after.get(n, 0) - before.get(n, 0) for n in after}
     assert sum(n * c for n, c in ran.items()) == len(texts)
     assert max(n for n, c in ran.items() if c) > 1, f"never batched: {ran}"
@@ -142,8 +150,6 @@ def test_expired_task_is_revoked_not_run(shop, shop_worker):
 
 
 def test_countdown_holds_the_task_until_due(shop, shop_worker):
-    import time
-
     sent = time.time()
     r = shop.predict.apply_async(kwargs={"text": "later"}, countdown=1.5)
     assert r.get(timeout=30) == "LATER"

@@ -5,16 +5,25 @@
 -- KEYS[3]  delayed sorted set
 -- KEYS[4]  dead-letter list
 -- KEYS[5]  stats hash (field "size:<n>" counts batches of n requests)
--- ARGV[1]  claim id
+-- KEYS[6]  deliveries hash
+-- ARGV[1]  claim id (the owner's token)
 -- ARGV[2]  size of the batch that ran (0: none ran)
 -- ARGV[3]  D, the number of delayed messages that follow as ETA, raw pairs
 -- ARGV[4 …] D × (ETA, raw), then dead-letter entries
 --
--- Guarantees: everything happens or nothing does, so a message is never both re-queued and parked. Called only
--- after the batch's results are stored: a consumer that dies before this leaves the claim for recovery, which can
--- run a request twice but never loses one.
--- Returns 1 if this call removed the claim, 0 if it was already gone (recovered after its lease ran out).
+-- Guarantees: only the claim's owner finishes it, and everything happens or nothing does. If the claim is gone
+-- (its lease ran out and another consumer re-queued it), nothing is written: the messages are back in the queue
+-- and will be finished by whoever holds them now. Called only after the batch's results are stored, so a consumer
+-- that dies before this leaves the claim for recovery, which may run a request twice but never loses one.
+-- Returns 1 if this call finished the claim, 0 if it was no longer this consumer's.
 
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  local items = redis.call('LRANGE', KEYS[2], 0, -1)
+  for i = 2, #items, 2 do redis.call('HDEL', KEYS[6], redis.sha1hex(items[i])) end
+end
 local d = tonumber(ARGV[3])
 local i = 4
 for _ = 1, d do
@@ -30,4 +39,5 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[5], 'requests', ARGV[2])
 end
 redis.call('DEL', KEYS[2])
-return redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1

@@ -3,7 +3,8 @@
 -- KEYS[1]  claims sorted set (claim id -> lease deadline)
 -- KEYS[2]  this claim's list (source list, raw message, source list, raw message, ...)
 -- KEYS[3]  delayed sorted set (raw message -> ETA)
--- KEYS[4…] the queue's lists, highest priority first; KEYS[4] is the default-priority list
+-- KEYS[4]  deliveries hash (sha1 of raw message -> times it was handed out before and not finished)
+-- KEYS[5…] the queue's lists, highest priority first; KEYS[5] is the default-priority list
 -- ARGV[1]  N, the most messages to take
 -- ARGV[2]  claim id
 -- ARGV[3]  lease deadline (unix seconds)
@@ -11,27 +12,45 @@
 --
 -- Guarantees: a message is either still in its queue or recorded in this claim (with the list it came from, so a
 -- recovery can put it back exactly), never neither. Delayed messages whose ETA has passed are first moved to the
--- oldest end of the default list, so they are served before anything newer.
--- Returns: { next ETA still pending or "", raw1, raw2, ... } with the oldest message first.
+-- oldest end of the default list, so they are served before anything newer. A message that was delivered before
+-- and never finished (its consumer died) is claimed alone: if it is what kills consumers, it takes no innocent
+-- neighbours down with it, and its delivery count rises alone until it is dead-lettered.
+-- Returns: { next ETA still pending or "", redelivered count of the first message, raw1, raw2, ... }, oldest first.
 
 local n = tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, n)
 for _, raw in ipairs(due) do
-  redis.call('RPUSH', KEYS[4], raw)
+  redis.call('RPUSH', KEYS[5], raw)
   redis.call('ZREM', KEYS[3], raw)
 end
 
-local out = { '' }
+local tracked = redis.call('EXISTS', KEYS[4]) == 1
+local out = { '', 0 }
 local taken = 0
-for i = 4, #KEYS do
-  if taken >= n then break end
+local stop = false
+for i = 5, #KEYS do
+  if taken >= n or stop then break end
   local got = redis.call('RPOP', KEYS[i], n - taken)
   if got then
-    for _, raw in ipairs(got) do
+    for j, raw in ipairs(got) do
+      local seen = 0
+      if tracked then seen = tonumber(redis.call('HGET', KEYS[4], redis.sha1hex(raw)) or '0') end
+      if seen > 0 and taken > 0 then
+        -- put it and everything after it back, oldest ending up at the right end again
+        for k = #got, j, -1 do redis.call('RPUSH', KEYS[i], got[k]) end
+        stop = true
+        break
+      end
       redis.call('RPUSH', KEYS[2], KEYS[i], raw)
       out[#out + 1] = raw
+      taken = taken + 1
+      if seen > 0 then
+        out[2] = seen
+        for k = #got, j + 1, -1 do redis.call('RPUSH', KEYS[i], got[k]) end
+        stop = true
+        break
+      end
     end
-    taken = taken + #got
   end
 end
 if taken > 0 then

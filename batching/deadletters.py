@@ -1,0 +1,104 @@
+"""Dead letters: messages that can never become a finished task, kept with the reason so nothing is lost silently.
+
+A message is dead-lettered when it cannot be decoded far enough to read its task id (so no FAILURE can be stored
+for it), or when it was delivered ``max_deliveries`` times and every consumer that took it died before finishing
+(then its task is also marked FAILURE). Entries are JSON ``{queue, reason, at, raw[, deliveries]}``, newest first.
+
+From Python::
+
+    from batching.deadletters import list_dead, requeue_dead, purge_dead
+    for letter in list_dead(predict):
+        print(letter.reason)
+    requeue_dead(predict)          # all of them back into the queue, as new messages
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import Request, decode
+from .errors import MessageError
+from .results import Outcome
+from .store import QueueStore
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    queue: str
+    reason: str
+    at: float
+    raw: bytes
+    deliveries: int | None
+    #: The entry exactly as stored, which identifies it for re-queuing.
+    entry: bytes
+
+    @classmethod
+    def parse(cls, entry: bytes) -> DeadLetter:
+        try:
+            data = json.loads(entry.decode("utf-8", "surrogateescape"))
+        except ValueError:
+            return cls("?", "unreadable dead-letter entry", 0.0, entry, None, entry)
+        raw = data.get("raw", "")
+        return cls(
+            queue=str(data.get("queue", "?")),
+            reason=str(data.get("reason", "")),
+            at=float(data.get("at", 0.0)),
+            raw=raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw),
+            deliveries=data.get("deliveries"),
+            entry=entry,
+        )
+
+    @property
+    def task_id(self) -> str | None:
+        """The task id, if the message can be read that far (JSON only: a dead letter is never unpickled)."""
+        item = decode(self.raw, {"application/json"})
+        return item.id if isinstance(item, Request) else item.task_id
+
+
+def failures_for(raws: Iterable[bytes], accept: Collection[str], max_deliveries: int) -> list[Outcome]:
+    """FAILURE outcomes for messages dead-lettered after too many unfinished deliveries (when their id is known)."""
+    failures = []
+    for raw in raws:
+        item = decode(raw, accept)
+        task_id = item.id if isinstance(item, Request) else item.task_id
+        if task_id:
+            failures.append(Outcome.failure(task_id, MessageError(
+                f"dead-lettered after {max_deliveries} deliveries that never finished: every consumer that took "
+                "this task died or lost its lease (a crash, an OOM kill or a hang in run_batch)"
+            )))
+    return failures
+
+
+def _store(task: Any) -> tuple[QueueStore, Any]:
+    return QueueStore.open(task)
+
+
+def list_dead(task: Any, limit: int = 100) -> list[DeadLetter]:
+    """The newest ``limit`` dead letters of a batched task's queue."""
+    store, connection = _store(task)
+    try:
+        return [DeadLetter.parse(e) for e in store.dead_letters(0, limit - 1)]
+    finally:
+        connection.release()
+
+
+def requeue_dead(task: Any, letters: Iterable[DeadLetter] | None = None) -> int:
+    """Put dead letters (default: all) back into the task's queue as new messages; returns how many moved."""
+    store, connection = _store(task)
+    try:
+        chosen = list(letters) if letters is not None else [DeadLetter.parse(e) for e in store.dead_letters()]
+        return store.requeue_dead((letter.entry, letter.raw) for letter in chosen)
+    finally:
+        connection.release()
+
+
+def purge_dead(task: Any) -> int:
+    """Delete every dead letter of the task's queue; returns how many there were."""
+    store, connection = _store(task)
+    try:
+        return store.purge_dead()
+    finally:
+        connection.release()

@@ -1,0 +1,75 @@
+"""Time limits for ``run_batch`` calls, which run on a consumer's model thread rather than in a pool process.
+
+Celery enforces ``soft_time_limit`` with a signal and ``time_limit`` by killing the pool process. Neither works for
+a thread, so: the soft limit raises ``SoftTimeLimitExceeded`` inside the model thread (CPython's async exception,
+delivered at the next Python bytecode — a model blocked inside one C call sees it when that call returns), and
+the hard limit gives up on the call — its requests fail with ``TimeLimitExceeded`` at once and whatever the call
+returns later is discarded. No further batch starts until the abandoned call returns, because a model object is
+not assumed to be safe to call from two threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+
+def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Schedule ``exc_type`` to be raised in another thread; False if that thread is gone."""
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+    return bool(done == 1)
+
+
+@dataclass(frozen=True)
+class TimeLimits:
+    """Seconds a batch may run: ``soft`` raises in the model, ``hard`` abandons the call. ``None``: no limit."""
+
+    soft: float | None = None
+    hard: float | None = None
+
+    @classmethod
+    def for_batch(cls, task: Any, timelimits: Iterable[Any]) -> TimeLimits:
+        """The tightest of the task's own limits and those each request carried (``apply_async(time_limit=…)``)."""
+        soft = [task.soft_time_limit, task.app.conf.task_soft_time_limit]
+        hard = [task.time_limit, task.app.conf.task_time_limit]
+        for limit in timelimits:
+            if isinstance(limit, (list, tuple)) and len(limit) == 2:
+                hard.append(limit[0])
+                soft.append(limit[1])
+        return cls(_tightest(soft), _tightest(hard))
+
+    def __bool__(self) -> bool:
+        return self.soft is not None or self.hard is not None
+
+
+def _tightest(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    return min(numbers) if numbers else None
+
+
+class Watchdog:
+    """Arms the limits around one model call made by the current thread."""
+
+    def __init__(self, limits: TimeLimits, on_hard: Callable[[], None]) -> None:
+        self._timers: list[threading.Timer] = []
+        ident = threading.get_ident()
+        if limits.soft is not None:
+            self._timers.append(threading.Timer(limits.soft, raise_in_thread, (ident, SoftTimeLimitExceeded)))
+        if limits.hard is not None:
+            self._timers.append(threading.Timer(limits.hard, on_hard))
+
+    def __enter__(self) -> Watchdog:
+        for timer in self._timers:
+            timer.daemon = True
+            timer.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        for timer in self._timers:
+            timer.cancel()

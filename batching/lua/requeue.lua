@@ -1,0 +1,56 @@
+-- Put claimed messages back at the front (oldest end) of the lists they came from, and drop the claims.
+--
+-- KEYS[1]  claims sorted set
+-- KEYS[2]  deliveries hash (sha1 of raw message -> failed deliveries)
+-- KEYS[3]  dead-letter list
+-- KEYS[4…] claim lists, one per claim id in ARGV[5…]
+-- ARGV[1]  mode: "release" (the owner gives back work it never started) or "expired" (recover dead consumers')
+-- ARGV[2]  now (unix seconds)
+-- ARGV[3]  max deliveries: in "expired" mode a message handed out more often than this is dead-lettered
+-- ARGV[4]  queue name, for dead-letter entries
+-- ARGV[5…] claim ids
+--
+-- Guarantees: a claim is requeued once, by its owner ("release") or only after its lease deadline has passed
+-- ("expired"); a live consumer's claim is never taken. Original order is kept: the oldest message is served next.
+-- In "expired" mode each message's delivery count rises by one; past the maximum it goes to the dead-letter list
+-- (JSON {queue, reason, at, raw, deliveries}, the same shape the consumer writes) instead of back to its queue.
+-- Returns: { messages requeued, dead-lettered raw1, raw2, ... } so the caller can mark those tasks FAILURE.
+
+local expired = ARGV[1] == 'expired'
+local now = tonumber(ARGV[2])
+local max_deliveries = tonumber(ARGV[3])
+local out = { 0 }
+for c = 5, #ARGV do
+  local id = ARGV[c]
+  local key = KEYS[c - 1]
+  local deadline = redis.call('ZSCORE', KEYS[1], id)
+  if deadline and (not expired or tonumber(deadline) < now) then
+    local items = redis.call('LRANGE', key, 0, -1)
+    -- newest first, so that the claim's oldest message ends up at the right end, served next
+    for i = #items - 1, 1, -2 do
+      local src, raw = items[i], items[i + 1]
+      local dead = false
+      if expired then
+        local sha = redis.sha1hex(raw)
+        local n = redis.call('HINCRBY', KEYS[2], sha, 1)
+        if n >= max_deliveries then
+          dead = true
+          redis.call('HDEL', KEYS[2], sha)
+          redis.call('LPUSH', KEYS[3], cjson.encode({
+            queue = ARGV[4], at = now, raw = raw, deliveries = n,
+            reason = 'delivered ' .. n .. ' times and never finished: every consumer that took it died or lost ' ..
+              'its lease (a crash, an OOM kill or a hang in run_batch)',
+          }))
+          out[#out + 1] = raw
+        end
+      end
+      if not dead then
+        redis.call('RPUSH', src, raw)
+        out[1] = out[1] + 1
+      end
+    end
+    redis.call('DEL', key)
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
