@@ -22,8 +22,9 @@ from .errors import BatchResultError, ConfigurationError, MissingArgumentError, 
 
 logger = logging.getLogger(__name__)
 
-#: Errors that say nothing about the inputs: re-running halves of the batch would only repeat them.
-NEVER_BISECT: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded, TimeLimitExceeded, MemoryError)
+#: Errors that say nothing about the inputs (time limits, memory, the network): re-running halves of the batch
+#: would only repeat them.
+NEVER_BISECT: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded, TimeLimitExceeded, MemoryError, OSError)
 
 #: Marks a parameter without a default. ``inspect.Parameter.empty`` is not used directly so that a default of
 #: ``None``, ``0``, ``False`` or ``""`` is never confused with "required" (a bug of the batcher this replaces).
