@@ -128,13 +128,15 @@ def test_message_that_kills_every_consumer_is_dead_lettered_and_fails(rel, start
     inputs[7] = "crash"
     results = [rel.crashy.delay(x=v) for v in inputs]
     poison = results[7]
-    for attempt in range(6):
-        worker = start_worker("tests.apps.reliable", "--pool", "solo")
+    deaths = 0
+    for _ in range(6):
+        proc = start_worker("tests.apps.reliable", "--pool", "solo").proc
         # The worker either dies on the poison message or lives until every task is settled.
-        wait_until(lambda: worker.proc.poll() is not None or all(r.ready() for r in results), 60, "crash or finish")
-        if worker.proc.poll() is None:
+        wait_until(lambda p=proc: p.poll() is not None or all(r.ready() for r in results), 60, "crash or finish")
+        if proc.poll() is None:
             break
-    assert attempt == 3, f"expected 3 deaths before the dead letter, got {attempt}"
+        deaths += 1
+    assert deaths == 3, f"expected 3 deaths before the dead letter, got {deaths}"
     with pytest.raises(Exception, match="dead-lettered after 3 deliveries"):
         poison.get(timeout=10)
     assert [r.get(timeout=10) for i, r in enumerate(results) if i != 7] == [v.upper() for v in inputs if v != "crash"]
