@@ -8,6 +8,7 @@ outcomes. Nothing here does I/O, so the in-process ``Batcher`` and the Redis con
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -69,7 +70,7 @@ class CallSpec:
             raise ConfigurationError(f"{fn!r} takes no parameters: there is nothing to batch")
         return cls(tuple(names), defaults, any_keyword, frozenset(keyword_only))
 
-    @property
+    @functools.cached_property
     def required(self) -> tuple[str, ...]:
         return tuple(n for n in self.names if n not in self.defaults)
 

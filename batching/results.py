@@ -1,11 +1,11 @@
 """Store a batch's outcomes in Celery's result backend, in exactly the format a normal worker writes.
 
 Metas are built by the backend's own helpers (``encode_result`` to serialize exceptions the way clients re-raise
-them, ``_get_result_meta``, ``encode``, ``get_key_for_task``). On a Redis backend all of a batch's results go out in
-one pipeline round trip as ``SET key meta EX ttl`` + ``PUBLISH key meta`` per task: the SET serves later ``get()``
-and ``.state`` calls, the PUBLISH wakes clients already blocked in ``get()``. Celery's own ``store_result`` would
-spend two round trips per task (a GET to de-duplicate, then the write); the claim already guarantees that a
-message is processed by one consumer at a time, so that GET buys nothing here.
+them, ``_get_result_meta``'s fields, ``encode``, ``get_key_for_task``). On a Redis backend all of a batch's results
+go out in one round trip (``lua/results.lua``) as ``SET key meta EX ttl`` + ``PUBLISH key meta`` per task: the SET
+serves later ``get()`` and ``.state`` calls, the PUBLISH wakes clients already blocked in ``get()``. Celery's own
+``store_result`` would spend two round trips per task (a GET to de-duplicate, then the write); the claim already
+guarantees that a message is processed by one consumer at a time, so that GET buys nothing here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import logging
 import traceback as tb
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from celery import states
-from celery.app.task import Context
 from celery.backends.base import Backend
 from celery.backends.redis import RedisBackend
 
@@ -33,18 +33,18 @@ class Outcome:
     task_id: str
     state: str
     value: Any
-    request: Context | None = None
+    request: Any = None
     traceback: str | None = None
 
     @classmethod
-    def of(cls, task_id: str, result: Any, request: Context | None = None) -> Outcome:
+    def of(cls, task_id: str, result: Any, request: Any = None) -> Outcome:
         """SUCCESS with ``result``, or FAILURE if ``result`` is an exception (the batch contract)."""
         if isinstance(result, Exception):
             return cls.failure(task_id, result, request)
         return cls(task_id, states.SUCCESS, result, request)
 
     @classmethod
-    def failure(cls, task_id: str, exc: BaseException, request: Context | None = None) -> Outcome:
+    def failure(cls, task_id: str, exc: BaseException, request: Any = None) -> Outcome:
         trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
         return cls(task_id, states.FAILURE, exc, request, trace)
 
@@ -55,6 +55,9 @@ class ResultWriter:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._pipelined = isinstance(backend, RedisBackend)
+        # With result_extended the meta also carries name/args/kwargs/worker/...: let Celery build all of it.
+        self._extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
+        self._script: Any = None
 
     def write(self, outcomes: Sequence[Outcome]) -> None:
         outcomes = [o for o in outcomes if not (o.request is not None and o.request.ignore_result)]
@@ -65,24 +68,25 @@ class ResultWriter:
                 self.backend.store_result(o.task_id, o.value, o.state, traceback=o.traceback, request=o.request)
             return
         backend: Any = self.backend
-        with backend.client.pipeline(transaction=False) as pipe:
-            for o in outcomes:
-                payload = self._encode(o)
-                key = backend.get_key_for_task(o.task_id)
-                ttl = backend.expires
-                if o.state == states.FAILURE and getattr(backend, "failure_expires", None) is not None:
-                    ttl = backend.failure_expires
-                if ttl:
-                    pipe.set(key, payload, ex=int(ttl))
-                else:
-                    pipe.set(key, payload)
-                pipe.publish(key, payload)
-            pipe.execute()
+        date_done = backend.app.now().isoformat()  # one clock read per batch: they finished together
+        keys, payloads, ttls = [], [], []
+        for o in outcomes:
+            keys.append(backend.get_key_for_task(o.task_id))
+            payloads.append(self._encode(o, date_done))
+            ttl = backend.expires
+            if o.state == states.FAILURE and getattr(backend, "failure_expires", None) is not None:
+                ttl = backend.failure_expires
+            ttls.append(int(ttl or 0))
+        if self._script is None:
+            self._script = backend.client.register_script(
+                resources.files(__package__).joinpath("lua", "results.lua").read_text()
+            )
+        self._script(keys=keys, args=payloads + ttls)
 
-    def _encode(self, o: Outcome) -> Any:
+    def _encode(self, o: Outcome, date_done: str) -> Any:
         backend: Any = self.backend
         try:
-            return self._meta(o)
+            return self._meta(o, date_done)
         except Exception as exc:
             # A result the serializer cannot handle (a numpy scalar under json, say) fails that task alone, with a
             # message that says what to return instead; the rest of the batch is stored normally.
@@ -90,11 +94,30 @@ class ResultWriter:
                 f"result of type {type(o.value).__name__} cannot be stored with the "
                 f"{backend.serializer!r} result serializer ({exc}); return plain Python values"
             )
-            return self._meta(Outcome.failure(o.task_id, error, o.request))
+            return self._meta(Outcome.failure(o.task_id, error, o.request), date_done)
 
-    def _meta(self, o: Outcome) -> Any:
+    def _meta(self, o: Outcome, date_done: str) -> Any:
+        """The meta dict of ``Backend._get_result_meta`` (same keys, same order), serialized by the backend.
+
+        Celery's helper reads the clock and looks up settings per task; here the clock is read once per batch,
+        and the helper itself is used whenever ``result_extended`` asks for more than these fields.
+        """
         backend: Any = self.backend
         result = backend.encode_result(o.value, o.state)
-        meta = backend._get_result_meta(result=result, state=o.state, traceback=o.traceback, request=o.request)
+        request = o.request
+        if self._extended:
+            meta = backend._get_result_meta(result=result, state=o.state, traceback=o.traceback, request=request)
+        else:
+            meta = {
+                "status": o.state,
+                "result": result,
+                "traceback": o.traceback,
+                "children": [child.as_tuple() for child in getattr(request, "children", None) or ()],
+                "date_done": date_done,
+            }
+            if request is not None and request.group:
+                meta["group_id"] = request.group
+            if request is not None and request.parent_id:
+                meta["parent_id"] = request.parent_id
         meta["task_id"] = o.task_id
         return backend.encode(meta)

@@ -6,7 +6,7 @@ import functools
 import inspect
 import threading
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,12 @@ class BatchedTask(Task):
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> AsyncResult:
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         return super().apply_async((), bound, *rest, **options)
+
+    def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:
+        """Enqueue many requests in one round trip per thousand; see ``batching.client.submit_many``."""
+        from .client import submit_many
+
+        return submit_many(self, calls, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         (outcome,) = execute(self.batching.spec, self.batching.run_batch(), [(args, kwargs)])

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import states
-from celery.app.task import Context
 from celery.exceptions import TaskRevokedError
 
 from .codec import Request, Undecodable, decode
@@ -45,7 +44,7 @@ class Batch:
 
     claim: Claim
     runnable: list[Request] = field(default_factory=list)
-    contexts: list[Context] = field(default_factory=list)
+    contexts: list[TaskRequest] = field(default_factory=list)
     settled: list[Outcome] = field(default_factory=list)
     finish: Finish = field(default_factory=Finish)
 
@@ -88,26 +87,63 @@ def _decode(raw: bytes, rules: Rules) -> Request | Undecodable:
     return decode(raw, rules.accept)
 
 
-def request_context(request: Request, rules: Rules) -> Context:
+@dataclass(slots=True)
+class TaskRequest:
+    """The task request as Celery's tracer and result backend read it (``Task.request``'s fields that matter).
+
+    A slotted record rather than ``celery.app.task.Context``, whose constructor costs more than the rest of a
+    request's bookkeeping together; the backend helpers only read these attributes.
+    """
+
+    id: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    hostname: str
+    delivery_info: dict[str, Any]
+    ignore_result: bool = False
+    group: str | None = None
+    group_index: int | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    retries: int = 0
+    timelimit: Any = None
+    callbacks: Any = None
+    errbacks: Any = None
+    chain: Any = None
+    chord: Any = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    children: list[Any] = field(default_factory=list)
+    stamps: dict[str, Any] | None = None
+    stamped_headers: list[str] | None = None
+    called_directly: bool = False
+    is_eager: bool = False
+
+
+def request_context(request: Request, rules: Rules) -> TaskRequest:
     """The task request as Celery's tracer would see it (result metadata, result_extended, chords, callbacks)."""
     h = request.headers
     embed: dict[str, Any] = request.embed
-    return Context(
+    props = request.properties
+    return TaskRequest(
         id=request.id,
         task=request.task,
         args=request.args,
         kwargs=request.kwargs,
+        hostname=rules.hostname,
+        delivery_info={"routing_key": rules.queue},
+        ignore_result=bool(h.get("ignore_result")) or rules.ignore_result,
         group=h.get("group"),
         group_index=h.get("group_index"),
         parent_id=h.get("parent_id"),
         root_id=h.get("root_id"),
-        retries=h.get("retries", 0),
+        retries=h.get("retries") or 0,
         timelimit=h.get("timelimit"),
-        hostname=rules.hostname,
-        delivery_info={"routing_key": rules.queue},
-        ignore_result=bool(h.get("ignore_result")) or rules.ignore_result,
         callbacks=embed.get("callbacks"),
         errbacks=embed.get("errbacks"),
         chain=embed.get("chain"),
         chord=embed.get("chord"),
+        reply_to=props.get("reply_to"),
+        correlation_id=props.get("correlation_id"),
     )
