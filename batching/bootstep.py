@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 from celery import Celery, bootsteps
 
 from .consumer import BatchConsumer
+from .events import task_events_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,9 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         for task in self.tasks:
-            consumer = BatchConsumer(task, hostname=worker.hostname)
+            consumer = BatchConsumer(
+                task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker)
+            )
             consumer.start()
             self.consumers.append(consumer)
             policy = task.batching.policy

@@ -56,6 +56,7 @@ def submit_many(
                     task_id, task.name, args=(), kwargs=kwargs, countdown=countdown, expires=expires,
                     ignore_result=ignore_result,
                 )
+                message.headers["sent_at"] = time.time()
                 content_type, content_encoding, body = dumps(message.body, serializer=serializer)
                 envelope = channel.prepare_message(
                     body, priority, content_type, content_encoding, message.headers, message.properties

@@ -57,7 +57,7 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
             raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
         # Headers first: once the task id is known, any later failure can still be stored as that task's FAILURE.
         headers = _mapping(envelope.get("headers"), "headers")
-        task_id = _text_or_none(headers.get("id"))
+        task_id = _task_id(headers.get("id"))
         task = _text_or_none(headers.get("task"))
         if "body" not in envelope:
             raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
@@ -66,7 +66,7 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
         if "task" in headers:
             return _protocol2(body, headers, properties)
         if isinstance(body, dict):  # protocol 1 keeps the id in the body
-            task_id = _text_or_none(body.get("id"))
+            task_id = _task_id(body.get("id"))
             task = _text_or_none(body.get("task"))
         return _protocol1(body, headers, properties)
     except MessageError as exc:
@@ -103,8 +103,8 @@ def _payload(
 
 
 def _protocol2(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Request:
-    task_id, task = headers.get("id"), headers.get("task")
-    if not isinstance(task_id, str) or not task_id:
+    task_id, task = _task_id(headers.get("id")), headers.get("task")
+    if task_id is None:
         raise MessageError("protocol 2 message has no task id header")
     if not isinstance(body, (list, tuple)) or len(body) != 3:
         raise MessageError("protocol 2 body must be [args, kwargs, embed]")
@@ -123,7 +123,7 @@ def _protocol2(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -
 
 
 def _protocol1(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Request:
-    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("task"), str):
+    if not isinstance(body, dict) or _task_id(body.get("id")) is None or not isinstance(body.get("task"), str):
         raise MessageError("message has neither protocol 2 headers nor a protocol 1 body with 'id' and 'task'")
     merged_headers = {**headers, **{k: v for k, v in body.items() if k not in ("args", "kwargs")}}
     return Request(
@@ -157,6 +157,23 @@ def _kwargs(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise MessageError(f"kwargs must be an object with string keys, got {type(value).__name__}")
     return value
+
+
+def _task_id(value: Any) -> str | None:
+    """A task id a result can be stored under, or None.
+
+    A JSON ``\\udXXX`` escape can spell a lone surrogate, which no Redis key can hold: storing a result under it
+    would raise and lose the results of its whole batch. Such an id counts as unreadable (the message is
+    dead-lettered, not failed).
+    """
+    text = _text_or_none(value)
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text
 
 
 def _text_or_none(value: Any) -> str | None:

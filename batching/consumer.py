@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +32,11 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 
-from .deadletters import failures_for
+from .keeper import Keeper
 from .limits import TimeLimits, Watchdog
 from .merge import execute
 from .outage import REDIS_ERRORS, RETRY_MIN_S, Outage, next_backoff
-from .results import Outcome, ResultWriter
+from .results import Outcome
 from .store import QueueStore
 from .triage import Batch, Rules, triage
 
@@ -63,7 +64,9 @@ class _Running:
 class BatchConsumer:
     """Serves one batched task until ``stop()``; Redis outages are waited out, never fatal."""
 
-    def __init__(self, task: BatchedTask, *, hostname: str = "") -> None:
+    def __init__(
+        self, task: BatchedTask, *, hostname: str = "", events_enabled: Callable[[], bool] = lambda: False
+    ) -> None:
         self.task = task
         self.config = task.batching
         self.consumer_id = f"{hostname or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -78,7 +81,8 @@ class BatchConsumer:
         )
         self.outage = Outage(task.name)
         self.store: QueueStore | None = None
-        self.writer: ResultWriter | None = None
+        self.keeper: Keeper | None = None
+        self._events_enabled = events_enabled
         self._connection: Any = None
         self._stopping = threading.Event()
         self._model_idle = threading.Event()
@@ -93,7 +97,10 @@ class BatchConsumer:
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
         self.store, self._connection = QueueStore.open(self.task)
-        self.writer = ResultWriter(self.task.app.backend)
+        self.keeper = Keeper(
+            self.task, self.store, self.outage, hostname=self.rules.hostname, events_enabled=self._events_enabled,
+            accept=self.rules.accept,
+        )
         return self.store
 
     def start(self) -> None:
@@ -233,6 +240,7 @@ class BatchConsumer:
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
         running = _Running(batch)
+        batch.started_at = time.time()
         limits = TimeLimits.for_batch(self.task, [c.timelimit for c in batch.contexts])
         results: list[Any] | None = None
         try:
@@ -291,51 +299,15 @@ class BatchConsumer:
             if item is not None:
                 self._settle(item)
             if time.monotonic() >= next_beat:
-                self._maintain()
+                with self._lock:
+                    active = list(self._active)
+                self._require_keeper().maintain(self.consumer_id, active)
                 next_beat = time.monotonic() + beat_s
-        with contextlib.suppress(*REDIS_ERRORS):
-            self._require_store().leave(self.consumer_id)
+        self._require_keeper().close(self.consumer_id)
 
     def _settle(self, batch: Batch) -> None:
-        """Store the batch's outcomes, then finish its claim; retried through Redis outages."""
-        store, writer = self._require_store(), self.writer
-        assert writer is not None
-        batch.finish.ran = len(batch.runnable)
-        backoff = RETRY_MIN_S
-        while True:
-            try:
-                writer.write(batch.settled)
-                if batch.claim and not store.finish(batch.claim, batch.finish):
-                    logger.warning("batching %s: a claim of %d message(s) outlived its lease and was re-queued; "
-                                   "they may run again", self.task.name, len(batch.claim))
-                self.outage.ok()
-                break
-            except REDIS_ERRORS as exc:
-                self.outage.failed(exc)
-                time.sleep(backoff)
-                backoff = next_backoff(backoff)
-        for reason, _raw in batch.finish.dead:
-            logger.warning("batching %s: dead-lettered a message: %s", self.task.name, reason)
+        self._require_keeper().settle(batch)
         self._untrack(batch)
-
-    def _maintain(self) -> None:
-        """Keep our leases alive and recover the claims of consumers that died."""
-        store = self._require_store()
-        try:
-            with self._lock:
-                active = list(self._active)
-            store.heartbeat(self.consumer_id, active)
-            requeued, dead = store.recover()
-        except REDIS_ERRORS as exc:
-            self.outage.failed(exc)
-            return
-        if requeued or dead:
-            logger.warning("batching %s: re-queued %d message(s) from expired claims, dead-lettered %d",
-                           self.task.name, requeued, len(dead))
-        if dead:
-            with contextlib.suppress(*REDIS_ERRORS):
-                assert self.writer is not None
-                self.writer.write(failures_for(dead, self.rules.accept, store.max_deliveries))
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -346,6 +318,12 @@ class BatchConsumer:
     def _untrack(self, batch: Batch) -> None:
         with self._lock:
             self._active.discard(batch.claim.claim_id)
+
+    def _require_keeper(self) -> Keeper:
+        if self.keeper is None:
+            self.connect()
+        assert self.keeper is not None
+        return self.keeper
 
     def _require_store(self) -> QueueStore:
         if self.store is None:

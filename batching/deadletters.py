@@ -37,17 +37,23 @@ class DeadLetter:
 
     @classmethod
     def parse(cls, entry: bytes) -> DeadLetter:
+        """Read a stored entry; never raises.
+
+        An entry that is not ours (not a JSON object with a text ``raw``) comes back whole as ``raw``, with the
+        reason "unreadable dead-letter entry", so one stray entry cannot break listing or re-queuing the others.
+        """
         try:
             data = json.loads(entry.decode("utf-8", "surrogateescape"))
-        except ValueError:
+            raw = data["raw"].encode("utf-8", "surrogateescape")  # the exact bytes, however invalid as UTF-8
+        except (ValueError, TypeError, KeyError, AttributeError):
             return cls("?", "unreadable dead-letter entry", 0.0, entry, None, entry)
-        raw = data.get("raw", "")
+        at, deliveries = data.get("at"), data.get("deliveries")
         return cls(
             queue=str(data.get("queue", "?")),
             reason=str(data.get("reason", "")),
-            at=float(data.get("at", 0.0)),
-            raw=raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw),
-            deliveries=data.get("deliveries"),
+            at=float(at) if isinstance(at, (int, float)) else 0.0,
+            raw=raw,
+            deliveries=deliveries if isinstance(deliveries, int) else None,
             entry=entry,
         )
 
@@ -78,6 +84,8 @@ def _store(task: Any) -> tuple[QueueStore, Any]:
 
 def list_dead(task: Any, limit: int = 100) -> list[DeadLetter]:
     """The newest ``limit`` dead letters of a batched task's queue."""
+    if limit <= 0:
+        return []  # LRANGE 0 -1 would mean "all of them"
     store, connection = _store(task)
     try:
         return [DeadLetter.parse(e) for e in store.dead_letters(0, limit - 1)]

@@ -8,7 +8,6 @@ consumer's heartbeat keeps pushing forward; once the deadline has passed, any co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -62,6 +61,7 @@ class QueueStore:
         self._claim = _script(client, "claim.lua")
         self._ack = _script(client, "ack.lua")
         self._requeue = _script(client, "requeue.lua")
+        self._requeue_dead = _script(client, "requeue_dead.lua")
 
     @classmethod
     def open(cls, task: Any) -> tuple[QueueStore, Any]:
@@ -106,7 +106,7 @@ class QueueStore:
         k = self.keys
         reply = self._claim(
             keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, *k.lists],
-            args=[count, into.claim_id, now + self.lease_s, now],
+            args=[count, into.claim_id, now + self.lease_s, now, len(into.raws)],
         )
         into.next_eta = float(reply[0]) if reply[0] else None
         taken = reply[2:]
@@ -189,18 +189,14 @@ class QueueStore:
     def requeue_dead(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
         """Move dead letters back to the queue as new messages: (entry as stored, raw message) pairs.
 
-        Each entry is removed only if it is still there (``LREM`` returns 1), so two operators re-queuing at once
-        never duplicate a message. Its delivery count starts again from zero.
+        Each entry is moved only if it is still there, in one script with the push, so two operators re-queuing
+        at once never duplicate a message and a caller that dies midway never loses one. Its delivery count starts
+        again from zero.
         """
+        k = self.keys
         moved = 0
         for entry, raw in entries:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.lrem(self.keys.dead, 1, entry)  # type: ignore[arg-type]
-                pipe.hdel(self.keys.deliveries, hashlib.sha1(raw).hexdigest())
-                removed, _ = pipe.execute()
-            if removed:
-                self.client.lpush(self.keys.main, raw)
-                moved += 1
+            moved += int(self._requeue_dead(keys=[k.dead, k.deliveries, k.main], args=[entry, raw]))
         return moved
 
     def purge_dead(self) -> int:

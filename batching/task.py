@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import time
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class BatchedTask(Task):
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> AsyncResult:
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
+        # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
+        options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
         return super().apply_async((), bound, *rest, **options)
 
     def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:

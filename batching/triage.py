@@ -8,6 +8,7 @@ task fail, expired and revoked ones are REVOKED, future ETAs are parked, everyth
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Collection, Container
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,10 +48,15 @@ class Batch:
     contexts: list[TaskRequest] = field(default_factory=list)
     settled: list[Outcome] = field(default_factory=list)
     finish: Finish = field(default_factory=Finish)
+    #: Unix times: first message claimed, and run_batch started (None: nothing ran).
+    claimed_at: float = 0.0
+    started_at: float | None = None
 
 
 def triage(batch: Batch, raws: list[bytes], rules: Rules, revoked: Container[str], now: float) -> None:
     """Sort newly claimed ``raws`` into ``batch``."""
+    if not batch.claimed_at:
+        batch.claimed_at = now
     for raw in raws:
         item = _decode(raw, rules)
         if isinstance(item, Undecodable):
@@ -119,6 +125,12 @@ class TaskRequest:
     stamped_headers: list[str] | None = None
     called_directly: bool = False
     is_eager: bool = False
+    argsrepr: str | None = None
+    kwargsrepr: str | None = None
+    eta: str | None = None
+    expires: str | None = None
+    #: Unix time the client sent the message (``sent_at`` header of this library's clients), for queue-wait stats.
+    sent_at: float | None = None
 
 
 def request_context(request: Request, rules: Rules) -> TaskRequest:
@@ -139,11 +151,30 @@ def request_context(request: Request, rules: Rules) -> TaskRequest:
         parent_id=h.get("parent_id"),
         root_id=h.get("root_id"),
         retries=h.get("retries") or 0,
-        timelimit=h.get("timelimit"),
+        timelimit=_timelimit(h.get("timelimit")),
         callbacks=embed.get("callbacks"),
         errbacks=embed.get("errbacks"),
         chain=embed.get("chain"),
         chord=embed.get("chord"),
         reply_to=props.get("reply_to"),
         correlation_id=props.get("correlation_id"),
+        argsrepr=h.get("argsrepr"),
+        kwargsrepr=h.get("kwargsrepr"),
+        eta=h.get("eta"),
+        expires=h.get("expires"),
+        sent_at=h.get("sent_at") if isinstance(h.get("sent_at"), (int, float)) else None,
     )
+
+
+def _timelimit(value: Any) -> list[float | None] | None:
+    """A request's ``[hard, soft]`` time limits, keeping only numbers of seconds a timer can actually wait.
+
+    Headers are untrusted input: ``Infinity``, ``NaN`` or ``1e300`` would kill the watchdog's timer thread with an
+    ``OverflowError``, leaving the batch with no limit and an unhandled thread exception; such a limit is no limit.
+    """
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    return [
+        float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= threading.TIMEOUT_MAX else None
+        for v in value
+    ]

@@ -9,19 +9,23 @@
 -- ARGV[2]  claim id
 -- ARGV[3]  lease deadline (unix seconds)
 -- ARGV[4]  now (unix seconds)
+-- ARGV[5]  how many messages this claim already holds (a top-up of a forming batch), 0 for a new claim
 --
 -- Guarantees: a message is either still in its queue or recorded in this claim (with the list it came from, so a
 -- recovery can put it back exactly), never neither. Delayed messages whose ETA has passed are first moved to the
--- oldest end of the default list, so they are served before anything newer. A message that was delivered before
--- and never finished (its consumer died) is claimed alone: if it is what kills consumers, it takes no innocent
--- neighbours down with it, and its delivery count rises alone until it is dead-lettered.
+-- oldest end of the default list, earliest ETA first, so they are served before anything newer. A message that was
+-- delivered before and never finished (its consumer died) is claimed alone: if it is what kills consumers, it takes
+-- no innocent neighbours down with it, and its delivery count rises alone until it is dead-lettered. A top-up of a
+-- claim that already holds messages therefore stops before it and leaves it first in line.
 -- Returns: { next ETA still pending or "", redelivered count of the first message, raw1, raw2, ... }, oldest first.
 
 local n = tonumber(ARGV[1])
+local held = tonumber(ARGV[5] or '0')
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, n)
-for _, raw in ipairs(due) do
-  redis.call('RPUSH', KEYS[5], raw)
-  redis.call('ZREM', KEYS[3], raw)
+-- latest ETA first, so that the one due longest ends up at the right end, served next
+for k = #due, 1, -1 do
+  redis.call('RPUSH', KEYS[5], due[k])
+  redis.call('ZREM', KEYS[3], due[k])
 end
 
 local tracked = redis.call('EXISTS', KEYS[4]) == 1
@@ -35,7 +39,7 @@ for i = 5, #KEYS do
     for j, raw in ipairs(got) do
       local seen = 0
       if tracked then seen = tonumber(redis.call('HGET', KEYS[4], redis.sha1hex(raw)) or '0') end
-      if seen > 0 and taken > 0 then
+      if seen > 0 and taken + held > 0 then
         -- put it and everything after it back, oldest ending up at the right end again
         for k = #got, j, -1 do redis.call('RPUSH', KEYS[i], got[k]) end
         stop = true

@@ -1,0 +1,144 @@
+"""``batching``: inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark.
+
+Commands that read Redis load the app the way ``celery -A`` does and use its own broker settings, so they see
+exactly the keys its workers and clients use. Exit codes: 0 done, 1 nothing to act on, 2 bad usage or an app
+that cannot be loaded, 3 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import cli_dead
+from .cli_common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
+
+EPILOG = """\
+exit codes: 0 done; 1 nothing to act on (no batched tasks, ids not found, purge declined);
+            2 bad usage or the app cannot be loaded; 3 Redis cannot be reached"""
+APP_HELP = ("the Celery app, as for `celery -A`: a module (tasks), module:attribute (proj.celery:app); "
+            "imported with the current directory first on sys.path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:  # their own parsers own every option, --help included
+        return PASSTHROUGH[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except CliError as exc:
+        print(f"batching: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="batching", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=fmt)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser(
+        "status", formatter_class=fmt, epilog=EPILOG,
+        help="one row per batched task: queue depth, in flight, claims, delayed, dead letters, consumers, ...",
+        description="One row per batched task of the app: queue depth (all priority lists), messages in flight "
+        "(held in consumers' claims), claims, delayed (waiting for their ETA), dead letters, live consumers "
+        "(heartbeat within 2 leases), age of the next message to be served (from its sent_at header; '?' "
+        "without one), batches run and their mean size.",
+    )
+    status.add_argument("-A", "--app", required=True, help=APP_HELP)
+    status.add_argument("--json", action="store_true", help="print the same data as JSON instead of a table")
+    status.set_defaults(run=cmd_status)
+
+    dead = commands.add_parser(
+        "dead-letters", help="list, requeue or purge dead letters (messages no consumer could finish)",
+        description="Dead letters are messages that could not be read far enough to fail their task, or whose "
+        "consumers died max_deliveries times while running them.", epilog=EPILOG, formatter_class=fmt,
+    )
+    cli_dead.add_commands(dead, APP_HELP, EPILOG)
+
+    commands.add_parser("demo", add_help=False, help="run the quick-start demo (python -m tasks.demo): a private "
+                        "Redis, a worker, 3,000 predict.delay() calls; `batching demo --help` for its options")
+    commands.add_parser("bench", add_help=False, help="run the benchmark (python -m bench) from a source checkout; "
+                        "`batching bench --help` for its options")
+    return parser
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import queue_status
+
+    tasks, url = open_app(args.app)
+    now = time.time()
+    with redis_errors(url), _spinner(f"reading {len(tasks)} queue(s)", enabled=not args.json):
+        rows = [queue_status(task, now=now) for task in tasks]
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"app": args.app, "broker": url, "at": now, "tasks": [asdict(r) for r in rows]}, indent=2))
+        return 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"batched tasks of {escape(args.app)} on {escape(url)}")
+    table.add_column("task")
+    table.add_column("queue")
+    for title in ("depth", "in flight", "claims", "delayed", "dead", "consumers", "oldest", "batches", "mean size"):
+        table.add_column(title, justify="right")
+    for r in rows:
+        oldest = "-" if r.depth == 0 else fmt_age(r.oldest_age_s)
+        mean = "-" if r.mean_batch_size is None else f"{r.mean_batch_size:.1f}"
+        dead = f"[red]{r.dead}[/]" if r.dead else "0"
+        consumers = f"[yellow]{r.consumers}[/]" if r.depth and not r.consumers else str(r.consumers)
+        table.add_row(escape(r.task), escape(r.queue), str(r.depth), str(r.in_flight), str(r.claims),
+                      str(r.delayed), dead, consumers, oldest, str(r.batches), mean)
+    console().print(table)
+    return 0
+
+
+@contextlib.contextmanager
+def _spinner(text: str, *, enabled: bool) -> Iterator[None]:
+    out = console(stderr=True)
+    if not (enabled and out.is_terminal):
+        yield
+        return
+    with out.status(text):
+        yield
+
+
+def run_demo(argv: list[str]) -> int:
+    try:
+        from tasks import demo
+    except ImportError as exc:
+        print(f"batching: the demo cannot be imported ({exc}); it needs the example extra: "
+              "pip install 'celery-batching[example]'", file=sys.stderr)
+        return EXIT_USAGE
+    return int(demo.main(argv) or 0)
+
+
+def run_bench(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        print(f"batching: the benchmark runs from a source checkout: there is no bench/ package beside this "
+              f"installation of batching ({root}). Clone the repository, `pip install -e .` there and run "
+              "`batching bench` (or `python -m bench`) from it.", file=sys.stderr)
+        return EXIT_USAGE
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    # exec rather than a child process: Ctrl-C and SIGTERM reach the benchmark, which stops its own children.
+    os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], {**os.environ, "PYTHONPATH": path})
+
+
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"demo": run_demo, "bench": run_bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

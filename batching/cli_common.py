@@ -1,0 +1,124 @@
+"""What every ``batching`` command shares: loading the app as ``celery -A`` does, reaching its Redis, exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from celery import Celery
+from rich.console import Console
+
+#: Exit codes (0 is success).
+EXIT_NOTHING, EXIT_USAGE, EXIT_REDIS = 1, 2, 3
+
+
+class CliError(Exception):
+    """A failure the command reports in one line and exits with ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def console(*, stderr: bool = False) -> Console:
+    # Piped output (scripts, CI logs) would otherwise be wrapped at rich's 80-column default.
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, width=None if tty else 160)
+
+
+def fmt_age(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h07m``, ``4d03h``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@contextlib.contextmanager
+def redis_errors(url: str) -> Iterator[None]:
+    """Turn a lost connection in the middle of a command into the one-line 'cannot reach' error."""
+    from kombu.exceptions import OperationalError
+
+    from .errors import BrokerError
+    from .outage import REDIS_ERRORS
+
+    try:
+        yield
+    except (BrokerError, OperationalError, *REDIS_ERRORS) as exc:
+        cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
+        reason = str(cause).replace("\n", " ")
+        raise CliError(f"cannot reach Redis at {url} ({reason})", EXIT_REDIS) from exc
+
+
+def load_app(spec: str) -> Celery:
+    """The app named by ``spec``, found exactly as ``celery -A spec`` finds it, with its task modules imported."""
+    from celery.app.utils import find_app
+
+    try:
+        app = find_app(spec)
+        if not isinstance(app, Celery):
+            raise CliError(f"{spec!r} is a {type(app).__name__}, not a Celery app", EXIT_USAGE)
+        app.loader.import_default_modules()  # the modules of `imports`/`include`, as a worker imports them
+    except CliError:
+        raise
+    except Exception as exc:
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name and spec.startswith(exc.name.split(".")[0]):
+            hint = " (run from the directory that contains it, as for celery -A)"
+        raise CliError(f"cannot load app {spec!r}: {type(exc).__name__}: {exc}{hint}", EXIT_USAGE) from exc
+    return app
+
+
+def batched_tasks_of(app: Celery, spec: str, name: str | None = None) -> list[Any]:
+    """The app's batched tasks; with ``name``, the one task of that name (or that last dotted part)."""
+    from .bootstep import batched_tasks
+
+    tasks = batched_tasks(app)
+    if not tasks:
+        raise CliError(f"app {spec!r} has no batched tasks (none of its tasks was made with @batched)", EXIT_NOTHING)
+    if name is None:
+        return tasks
+    chosen = [t for t in tasks if t.name == name] or [t for t in tasks if t.name.rsplit(".", 1)[-1] == name]
+    if len(chosen) != 1:
+        known = ", ".join(t.name for t in tasks)
+        what = "is ambiguous" if chosen else "is not a batched task"
+        raise CliError(f"{name!r} {what} of app {spec!r}; its batched tasks: {known}", EXIT_USAGE)
+    return chosen
+
+
+def broker_url(app: Celery) -> str:
+    """The app's broker URL, password masked, once Redis has answered; raises ``CliError`` otherwise."""
+    from kombu.exceptions import OperationalError
+
+    from .outage import REDIS_ERRORS
+
+    connection = app.connection_for_read()
+    try:
+        url: str = connection.as_uri()  # masks the password
+        driver = connection.transport.driver_type
+        if driver != "redis":
+            raise CliError(f"batched tasks need a Redis broker; this app's broker is {driver!r} ({url})", EXIT_USAGE)
+        try:
+            # Fail fast: the transport's own default retries for several seconds before giving up.
+            connection.ensure_connection(max_retries=1, interval_start=0.2)
+        except (OperationalError, *REDIS_ERRORS) as exc:
+            reason = str(exc).replace("\n", " ")
+            raise CliError(f"cannot reach Redis at {url} ({reason})", EXIT_REDIS) from exc
+        return url
+    finally:
+        connection.release()
+
+
+def open_app(spec: str, task: str | None = None) -> tuple[list[Any], str]:
+    """Batched tasks of the app (or the one named ``task``) and its reachable broker's masked URL."""
+    app = load_app(spec)
+    tasks = batched_tasks_of(app, spec, task)
+    return tasks, broker_url(app)

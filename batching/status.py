@@ -1,0 +1,114 @@
+"""What a batched task's queue holds right now: depth, claims, delayed, dead letters, consumers, batch statistics.
+
+One snapshot costs two round trips: a ``MULTI`` of every counter (so depth, the oldest message and the claims are
+read at the same instant), then the lengths of the claims it found. ``batching status`` prints these; a metrics
+exporter can call ``status_of`` on a store it keeps open.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .store import QueueStore
+
+#: A consumer counts as live if its last heartbeat is within this many leases (heartbeats come every lease/4).
+LIVE_LEASES = 2.0
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """A snapshot of one batched task's queue, as every consumer of it sees it."""
+
+    task: str
+    queue: str
+    #: Messages waiting in the queue, over all its priority lists.
+    depth: int
+    #: Messages taken by consumers for a batch that has not finished (in any claim).
+    in_flight: int
+    claims: int
+    #: Messages parked until their ETA (countdown/eta).
+    delayed: int
+    dead: int
+    #: Consumers whose last heartbeat is within ``LIVE_LEASES`` leases.
+    consumers: int
+    #: Seconds since the next message to be served was sent; ``None`` when the queue is empty or the message
+    #: carries no ``sent_at`` header.
+    oldest_age_s: float | None
+    batches: int
+    #: Requests counted by the consumers (the ``requests`` counter of the stats hash).
+    requests: int
+    mean_batch_size: float | None
+
+
+def queue_status(task: Any, *, now: float | None = None) -> QueueStatus:
+    """Snapshot of a batched task's queue, read on the app's own broker settings; raises ``BrokerError``."""
+    store, connection = QueueStore.open(task)
+    try:
+        return status_of(store, task.name, now=now)
+    finally:
+        connection.release()
+
+
+def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
+    """Snapshot of the queue behind ``store``; ``now`` in unix seconds (default: this host's clock)."""
+    now = time.time() if now is None else now
+    keys = store.keys
+    lists = keys.lists
+    with store.client.pipeline(transaction=True) as pipe:
+        for name in lists:
+            pipe.llen(name)
+        for name in lists:
+            pipe.lindex(name, -1)  # the right end is the oldest: kombu pushes left and the consumer takes right
+        pipe.zrange(keys.claims, 0, -1)
+        pipe.zcard(keys.delayed)
+        pipe.llen(keys.dead)
+        pipe.zcount(keys.consumers, now - LIVE_LEASES * store.lease_s, "+inf")
+        pipe.hgetall(keys.stats)
+        reply: list[Any] = pipe.execute()
+    n = len(lists)
+    lengths, ends = reply[:n], reply[n:2 * n]
+    claim_ids, delayed, dead, consumers, stats = reply[2 * n:]
+    # Highest priority first: the first non-empty list holds the next message to be served.
+    oldest = next((raw for raw in ends if raw is not None), None)
+    sizes = {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
+    batches = sum(sizes.values())
+    return QueueStatus(
+        task=task_name,
+        queue=keys.queue,
+        depth=sum(int(x) for x in lengths),
+        in_flight=_in_flight(store, [c.decode() for c in claim_ids]),
+        claims=len(claim_ids),
+        delayed=int(delayed),
+        dead=int(dead),
+        consumers=int(consumers),
+        oldest_age_s=_age(oldest, now),
+        batches=batches,
+        requests=int(stats.get(b"requests", 0)),
+        mean_batch_size=sum(size * count for size, count in sizes.items()) / batches if batches else None,
+    )
+
+
+def _in_flight(store: QueueStore, claim_ids: list[str]) -> int:
+    if not claim_ids:
+        return 0
+    with store.client.pipeline(transaction=False) as pipe:
+        for claim_id in claim_ids:
+            pipe.llen(store.keys.claim(claim_id))
+        lengths: list[int] = pipe.execute()
+    # A claim list holds (source list, raw message) pairs.
+    return sum(lengths) // 2
+
+
+def _age(raw: bytes | None, now: float) -> float | None:
+    """Seconds since ``raw`` was sent, from its ``sent_at`` header (unix seconds), if it has a usable one."""
+    if raw is None:
+        return None
+    try:
+        envelope = json.loads(raw)
+        sent_at = envelope["headers"]["sent_at"]
+        return max(0.0, now - float(sent_at))
+    except (ValueError, TypeError, KeyError):
+        return None
