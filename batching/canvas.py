@@ -38,10 +38,11 @@ def plan_retries(task: Any, outcomes: Sequence[Outcome]) -> list[tuple[Outcome, 
             continue
         if max_retries is not None and request.retries >= max_retries:
             continue
-        if task.retry_backoff:
+        backoff = getattr(task, "retry_backoff", False)  # Celery's defaults, as add_autoretry_behaviour reads them
+        if backoff:
             countdown = float(get_exponential_backoff_interval(
-                factor=int(max(1.0, task.retry_backoff)), retries=request.retries,
-                maximum=task.retry_backoff_max, full_jitter=task.retry_jitter,
+                factor=int(max(1.0, backoff)), retries=request.retries,
+                maximum=getattr(task, "retry_backoff_max", 600), full_jitter=getattr(task, "retry_jitter", True),
             ))
         else:
             countdown = float(task.default_retry_delay or 0)

@@ -15,11 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from . import cli_dead
 from .cli_common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
 
+DESCRIPTION = "Inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark."
 EPILOG = """\
 exit codes: 0 done; 1 nothing to act on (no batched tasks, ids not found, purge declined);
             2 bad usage or the app cannot be loaded; 3 Redis cannot be reached"""
@@ -40,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `batching status --json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="batching", description=__doc__.splitlines()[0], epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="batching", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

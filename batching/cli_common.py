@@ -8,10 +8,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 from rich.console import Console
+
+from .errors import BrokerError
+from .outage import REDIS_ERRORS
 
 #: Exit codes (0 is success).
 EXIT_NOTHING, EXIT_USAGE, EXIT_REDIS = 1, 2, 3
+#: Errors that mean Redis could not be reached or went away (BrokerError: QueueStore.open could not connect).
+UNREACHABLE: tuple[type[BaseException], ...] = (BrokerError, OperationalError, *REDIS_ERRORS)
 
 
 class CliError(Exception):
@@ -45,14 +51,9 @@ def fmt_age(seconds: float | None) -> str:
 @contextlib.contextmanager
 def redis_errors(url: str) -> Iterator[None]:
     """Turn a lost connection in the middle of a command into the one-line 'cannot reach' error."""
-    from kombu.exceptions import OperationalError
-
-    from .errors import BrokerError
-    from .outage import REDIS_ERRORS
-
     try:
         yield
-    except (BrokerError, OperationalError, *REDIS_ERRORS) as exc:
+    except UNREACHABLE as exc:
         cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.__cause__ else exc
         reason = str(cause).replace("\n", " ")
         raise CliError(f"cannot reach Redis at {url} ({reason})", EXIT_REDIS) from exc
@@ -70,10 +71,13 @@ def load_app(spec: str) -> Celery:
     except CliError:
         raise
     except Exception as exc:
-        hint = ""
-        if isinstance(exc, ModuleNotFoundError) and exc.name and spec.startswith(exc.name.split(".")[0]):
-            hint = " (run from the directory that contains it, as for celery -A)"
-        raise CliError(f"cannot load app {spec!r}: {type(exc).__name__}: {exc}{hint}", EXIT_USAGE) from exc
+        module, _, attribute = spec.partition(":")
+        why = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == spec and attribute:
+            why = f"module {module!r} has no attribute {attribute!r}"  # find_app's fallback imported 'm:attr'
+        elif isinstance(exc, ModuleNotFoundError) and exc.name and f"{module}.".startswith(f"{exc.name}."):
+            why += " (run from the directory that contains it, as for celery -A)"
+        raise CliError(f"cannot load app {spec!r}: {why}", EXIT_USAGE) from exc
     return app
 
 
@@ -96,10 +100,6 @@ def batched_tasks_of(app: Celery, spec: str, name: str | None = None) -> list[An
 
 def broker_url(app: Celery) -> str:
     """The app's broker URL, password masked, once Redis has answered; raises ``CliError`` otherwise."""
-    from kombu.exceptions import OperationalError
-
-    from .outage import REDIS_ERRORS
-
     connection = app.connection_for_read()
     try:
         url: str = connection.as_uri()  # masks the password
@@ -109,7 +109,7 @@ def broker_url(app: Celery) -> str:
         try:
             # Fail fast: the transport's own default retries for several seconds before giving up.
             connection.ensure_connection(max_retries=1, interval_start=0.2)
-        except (OperationalError, *REDIS_ERRORS) as exc:
+        except UNREACHABLE as exc:
             reason = str(exc).replace("\n", " ")
             raise CliError(f"cannot reach Redis at {url} ({reason})", EXIT_REDIS) from exc
         return url

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .cli_common import EXIT_USAGE, EXIT_NOTHING, CliError, console, fmt_age, open_app, redis_errors
+from .cli_common import EXIT_NOTHING, EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
 from .deadletters import DeadLetter, purge_dead, requeue_dead
 from .store import QueueStore
 
@@ -69,7 +69,7 @@ def _read_dead(task: Any, limit: int | None = None) -> tuple[list[DeadLetter], i
     """The newest ``limit`` (default: all) dead letters of the task, and how many there are in all."""
     store, connection = QueueStore.open(task)
     try:
-        total = int(store.client.llen(store.keys.dead))  # type: ignore[arg-type]
+        total = int(store.client.llen(store.keys.dead))
         entries = store.dead_letters(0, -1 if limit is None else limit - 1)
         return [DeadLetter.parse(e) for e in entries], total
     finally:

@@ -306,8 +306,15 @@ class BatchConsumer:
         self._require_keeper().close(self.consumer_id)
 
     def _settle(self, batch: Batch) -> None:
-        self._require_keeper().settle(batch)
-        self._untrack(batch)
+        try:
+            self._require_keeper().settle(batch)
+        except Exception:
+            # Never let the keeper die: this batch's claim stays in Redis and its lease (no longer extended)
+            # hands it to a consumer again.
+            logger.exception("batching %s: settling a batch of %d failed; its claim will be recovered by lease",
+                             self.task.name, len(batch.claim))
+        finally:
+            self._untrack(batch)
 
     # -- helpers -----------------------------------------------------------------------------------------------
 

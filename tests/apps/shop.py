@@ -60,3 +60,38 @@ counting = batched(app, model=CountingModel, name="shop.counting", batch_size=32
 @app.task
 def add(x, y):
     return x + y
+
+
+R = redis.Redis.from_url(URL)
+
+
+@app.task
+def postprocess(value):
+    return f"<{value}>"
+
+
+@app.task
+def collect(values):
+    return sorted(values)
+
+
+@app.task
+def on_error(request, exc, traceback):
+    """A link_error errback with Celery's (request, exc, traceback) signature."""
+    R.rpush("shop:errbacks", f"{request.id}:{type(exc).__name__}")
+
+
+class Flaky(Exception):
+    pass
+
+
+@batched(app, batch_size=8, max_delay=0.02, autoretry_for=(Flaky,), max_retries=2, default_retry_delay=0.3)
+def flaky(x):
+    """Each input fails on its first attempt only."""
+    attempts = [R.hincrby("shop:flaky", str(v), 1) for v in x]
+    return [Flaky(f"attempt {n} of {v}") if n < 2 else f"ok:{v}" for v, n in zip(x, attempts, strict=True)]
+
+
+@batched(app, batch_size=8, max_delay=0.02, autoretry_for=(Flaky,), max_retries=1, default_retry_delay=0.1)
+def hopeless(x):
+    return [Flaky(f"never works: {v}") for v in x]
