@@ -9,7 +9,6 @@ or ``celery control enable_events``, and survives the consumer restarting after 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,7 +45,6 @@ class BatchEvents:
             return
         try:
             dispatcher = self._get_dispatcher()
-            pid = os.getpid()
             for o in outcomes:
                 r = o.request
                 if r is None:
@@ -57,7 +55,7 @@ class BatchEvents:
                     retries=r.retries, eta=r.eta, expires=r.expires, timestamp=received,
                 )
                 if started is not None and o.state != states.REVOKED:
-                    dispatcher.send("task-started", uuid=o.task_id, pid=pid, timestamp=started)
+                    dispatcher.send("task-started", uuid=o.task_id, timestamp=started)  # the dispatcher adds pid
                 kind, fields = _final(o, started, finished)
                 dispatcher.send(kind, **fields)
             dispatcher.flush()
