@@ -10,6 +10,7 @@ from celery import Celery, bootsteps
 
 from .consumer import BatchConsumer
 from .events import task_events_enabled
+from .metrics import Metrics, metrics_port
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,12 @@ class BatchingStep(bootsteps.StartStopStep):
                 queues.deselect([task.batching.queue])
 
     def start(self, worker: Any) -> None:
+        endpoint = metrics_port(worker.app) if self.tasks else None
+        metrics = Metrics() if endpoint else None
         for task in self.tasks:
             consumer = BatchConsumer(
-                task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker)
+                task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
+                metrics=metrics,
             )
             consumer.start()
             self.consumers.append(consumer)
@@ -52,6 +56,9 @@ class BatchingStep(bootsteps.StartStopStep):
                 "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
                 task.name, task.batching.queue, policy.batch_size, policy.max_delay_s,
             )
+        if metrics is not None and endpoint is not None:
+            metrics.watch_queues((c.task.name, c.store) for c in self.consumers)
+            metrics.serve(*endpoint)
 
     def stop(self, worker: Any) -> None:
         for consumer in self.consumers:

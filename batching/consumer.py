@@ -35,6 +35,7 @@ from kombu.serialization import prepare_accept_content
 from .keeper import Keeper
 from .limits import TimeLimits, Watchdog
 from .merge import execute
+from .metrics import Metrics
 from .outage import REDIS_ERRORS, RETRY_MIN_S, Outage, next_backoff
 from .results import Outcome
 from .store import QueueStore
@@ -65,7 +66,12 @@ class BatchConsumer:
     """Serves one batched task until ``stop()``; Redis outages are waited out, never fatal."""
 
     def __init__(
-        self, task: BatchedTask, *, hostname: str = "", events_enabled: Callable[[], bool] = lambda: False
+        self,
+        task: BatchedTask,
+        *,
+        hostname: str = "",
+        events_enabled: Callable[[], bool] = lambda: False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.task = task
         self.config = task.batching
@@ -82,6 +88,7 @@ class BatchConsumer:
         self.outage = Outage(task.name)
         self.store: QueueStore | None = None
         self.keeper: Keeper | None = None
+        self.metrics = metrics
         self._events_enabled = events_enabled
         self._connection: Any = None
         self._stopping = threading.Event()
@@ -99,7 +106,7 @@ class BatchConsumer:
         self.store, self._connection = QueueStore.open(self.task)
         self.keeper = Keeper(
             self.task, self.store, self.outage, hostname=self.rules.hostname, events_enabled=self._events_enabled,
-            accept=self.rules.accept,
+            accept=self.rules.accept, metrics=self.metrics,
         )
         return self.store
 
@@ -249,6 +256,8 @@ class BatchConsumer:
         except SoftTimeLimitExceeded as exc:  # the soft limit fired as the call returned
             if results is None:
                 results = [exc] * len(batch.runnable)
+        if self.metrics is not None:
+            self.metrics.batch_ran(self.task.name, len(batch.runnable), time.time() - batch.started_at)
         with self._lock:
             if running.settled:
                 logger.warning("batching %s: an abandoned run_batch call returned after its hard time limit; "

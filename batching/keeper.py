@@ -18,6 +18,7 @@ from typing import Any
 from . import canvas
 from .deadletters import failures_for
 from .events import BatchEvents
+from .metrics import Metrics
 from .outage import REDIS_ERRORS, RETRY_MIN_S, Outage, next_backoff
 from .results import ResultWriter
 from .store import QueueStore
@@ -31,7 +32,7 @@ class Keeper:
 
     def __init__(
         self, task: Any, store: QueueStore, outage: Outage, *, hostname: str, events_enabled: Callable[[], bool],
-        accept: Any,
+        accept: Any, metrics: Metrics | None = None,
     ) -> None:
         self.task = task
         self.store = store
@@ -39,6 +40,7 @@ class Keeper:
         self.accept = accept
         self.writer = ResultWriter(task.app.backend)
         self.events = BatchEvents(task.app, hostname, events_enabled)
+        self.metrics = metrics
 
     def settle(self, batch: Batch) -> None:
         """Follow up, store, finish: retried through Redis outages until done."""
@@ -74,6 +76,8 @@ class Keeper:
                 backoff = next_backoff(backoff)
         for reason, _raw in batch.finish.dead:
             logger.warning("batching %s: dead-lettered a message: %s", task.name, reason)
+        if self.metrics is not None:
+            self.metrics.settled(task.name, outcomes, batch.claimed_at, len(batch.finish.dead))
 
     def maintain(self, consumer_id: str, active: list[str]) -> None:
         """Keep our leases alive and recover the claims of consumers that died."""
@@ -87,6 +91,8 @@ class Keeper:
             logger.warning("batching %s: re-queued %d message(s) from expired claims, dead-lettered %d",
                            self.task.name, requeued, len(dead))
         if dead:
+            if self.metrics is not None:
+                self.metrics.dead_lettered.labels(self.task.name).inc(len(dead))
             with contextlib.suppress(*REDIS_ERRORS):
                 self.writer.write(failures_for(dead, self.accept, self.store.max_deliveries))
 

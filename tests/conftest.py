@@ -43,9 +43,9 @@ def rclient(redis_url: str) -> redis.Redis:
 class Worker:
     """A ``celery -A <app> worker`` subprocess; ``ready()`` blocks on its own 'ready' log line."""
 
-    def __init__(self, app: str, redis_url: str, log: Path, *extra: str) -> None:
+    def __init__(self, app: str, redis_url: str, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.log = log
-        env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", "--without-mingle",
@@ -83,8 +83,8 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator:
     """Factory: ``start_worker("tests.apps.shop", "--pool", "solo")`` -> a ``Worker`` (not yet waited for)."""
     workers: list[Worker] = []
 
-    def start(app: str = "tests.apps.shop", *extra: str) -> Worker:
-        worker = Worker(app, redis_url, tmp_path / f"worker-{len(workers)}.log", *extra)
+    def start(app: str = "tests.apps.shop", *extra: str, env: dict[str, str] | None = None) -> Worker:
+        worker = Worker(app, redis_url, tmp_path / f"worker-{len(workers)}.log", *extra, env=env)
         workers.append(worker)
         return worker
 

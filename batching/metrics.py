@@ -1,0 +1,122 @@
+"""Prometheus metrics of the batching consumers, on an opt-in HTTP endpoint of the worker.
+
+Turn it on with the app setting ``batching_metrics_port`` (or the ``BATCHING_METRICS_PORT`` environment variable;
+``batching_metrics_addr`` / ``BATCHING_METRICS_ADDR`` picks the address, default 0.0.0.0). Everything is labelled
+by task. Counters and histograms are updated once per batch by the consumers; queue depth, oldest message age,
+in-flight claims and dead letters are read from Redis when scraped (one snapshot per task, see ``status``), so
+they describe the queue as every worker sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from celery import states
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .results import Outcome
+from .status import status_of
+
+logger = logging.getLogger(__name__)
+
+#: Batch sizes are counted in powers of two up to 1024.
+SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_OUTCOME = {states.SUCCESS: "succeeded", states.FAILURE: "failed", states.RETRY: "retried", states.REVOKED: "revoked"}
+
+
+class Metrics:
+    """The consumers' instruments, in a registry of their own (so tests and apps can hold several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.batches = Counter("batching_batches", "Batches run by run_batch", ["task"], registry=r)
+        self.batch_size = Histogram(
+            "batching_batch_size", "Requests per batch", ["task"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.run_seconds = Histogram(
+            "batching_run_batch_seconds", "Duration of run_batch calls", ["task"], buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "batching_queue_wait_seconds", "From a client sending a request to a consumer claiming it", ["task"],
+            buckets=SECONDS_BUCKETS, registry=r,
+        )
+        self.items = Counter("batching_items", "Requests settled, by outcome", ["task", "outcome"], registry=r)
+        self.dead_lettered = Counter("batching_dead_lettered", "Messages dead-lettered", ["task"], registry=r)
+
+    def batch_ran(self, task: str, size: int, seconds: float) -> None:
+        self.batches.labels(task).inc()
+        self.batch_size.labels(task).observe(size)
+        self.run_seconds.labels(task).observe(seconds)
+
+    def settled(self, task: str, outcomes: Sequence[Outcome], claimed_at: float, dead: int) -> None:
+        counts: dict[str, int] = {}
+        wait = self.queue_wait.labels(task)
+        for o in outcomes:
+            label = _OUTCOME.get(o.state, o.state.lower())
+            counts[label] = counts.get(label, 0) + 1
+            sent_at = getattr(o.request, "sent_at", None)
+            if sent_at is not None and claimed_at:
+                wait.observe(max(0.0, claimed_at - sent_at))
+        for label, n in counts.items():
+            self.items.labels(task, label).inc(n)
+        if dead:
+            self.dead_lettered.labels(task).inc(dead)
+
+    def watch_queues(self, stores: Iterable[tuple[str, Any]]) -> None:
+        """Report the live state of these (task name, QueueStore) queues on every scrape."""
+        self.registry.register(_QueueCollector(list(stores)))
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+        logger.info("batching: Prometheus metrics on http://%s:%d/metrics", addr, port)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, stores: list[tuple[str, Any]]) -> None:
+        self.stores = stores
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = {
+            "depth": GaugeMetricFamily("batching_queue_depth", "Messages waiting in the queue", labels=["task"]),
+            "age": GaugeMetricFamily(
+                "batching_oldest_message_age_seconds", "Age of the next message to be served", labels=["task"]
+            ),
+            "in_flight": GaugeMetricFamily(
+                "batching_in_flight", "Messages claimed by a consumer and not finished", labels=["task"]
+            ),
+            "claims": GaugeMetricFamily("batching_claims", "Open claims (batches in hand)", labels=["task"]),
+            "delayed": GaugeMetricFamily("batching_delayed", "Messages parked until their ETA", labels=["task"]),
+            "dead": GaugeMetricFamily("batching_dead_letters", "Messages in the dead-letter list", labels=["task"]),
+            "consumers": GaugeMetricFamily("batching_consumers", "Live consumers of the queue", labels=["task"]),
+        }
+        for name, store in self.stores:
+            try:
+                s = status_of(store, name)
+            except Exception as exc:  # an unreachable Redis must not break the whole scrape
+                logger.debug("batching: no queue metrics for %s: %s", name, exc)
+                continue
+            families["depth"].add_metric([name], s.depth)
+            families["age"].add_metric([name], s.oldest_age_s or 0.0)
+            families["in_flight"].add_metric([name], s.in_flight)
+            families["claims"].add_metric([name], s.claims)
+            families["delayed"].add_metric([name], s.delayed)
+            families["dead"].add_metric([name], s.dead)
+            families["consumers"].add_metric([name], s.consumers)
+        yield from families.values()
+
+
+def metrics_port(app: Any) -> tuple[int, str] | None:
+    """The (port, address) to serve metrics on, from the app's settings or the environment; None: off."""
+    port = app.conf.get("batching_metrics_port") or os.environ.get("BATCHING_METRICS_PORT")
+    if not port:
+        return None
+    addr = app.conf.get("batching_metrics_addr") or os.environ.get("BATCHING_METRICS_ADDR") or "0.0.0.0"
+    return int(port), str(addr)

@@ -1,0 +1,63 @@
+"""The worker's opt-in Prometheus endpoint, scraped over HTTP while a real worker serves batches."""
+
+from __future__ import annotations
+
+import importlib
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from batching.redis_server import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_endpoint_counts_batches_items_and_queue_state(redis_url, start_worker, rclient):
+    shop = importlib.import_module("tests.apps.shop")
+    port = free_port()
+    worker = start_worker(
+        "tests.apps.shop", "--pool", "solo", env={"BATCHING_METRICS_PORT": str(port), "BATCHING_METRICS_ADDR": "127.0.0.1"}
+    ).ready()
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in worker.output()
+
+    ok = [shop.picky.delay(x=i) for i in range(20)]
+    bad = [shop.picky.delay(x=-i - 1) for i in range(3)]
+    assert [r.get(timeout=30) for r in ok] == [2 * i for i in range(20)]
+    for r in bad:
+        with pytest.raises(ValueError):
+            r.get(timeout=30)
+    later = shop.picky.apply_async(kwargs={"x": 1}, countdown=60)  # parked: shows up as delayed
+
+    task = (("task", shop.picky.name),)
+    deadline = time.monotonic() + 10
+    while True:
+        m = scrape(port)
+        settled = m.get(("batching_items_total", (("outcome", "succeeded"), *task)), 0) >= 20
+        if (settled and m.get(("batching_delayed", task)) == 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert m[("batching_items_total", (("outcome", "succeeded"), *task))] == 20
+    assert m[("batching_items_total", (("outcome", "failed"), *task))] == 3
+    batches = m[("batching_batches_total", task)]
+    assert 1 <= batches <= 23
+    assert m[("batching_batch_size_count", task)] == batches
+    assert m[("batching_batch_size_sum", task)] == 23
+    assert m[("batching_run_batch_seconds_count", task)] == batches
+    assert m[("batching_queue_wait_seconds_count", task)] == 23
+    assert m[("batching_delayed", task)] == 1
+    assert m[("batching_queue_depth", task)] == 0
+    assert m[("batching_consumers", task)] == 1
+    assert m[("batching_dead_letters", task)] == 0
+    later.revoke()
