@@ -27,9 +27,8 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 def test_metrics_endpoint_counts_batches_items_and_queue_state(redis_url, start_worker, rclient):
     shop = importlib.import_module("tests.apps.shop")
     port = free_port()
-    worker = start_worker(
-        "tests.apps.shop", "--pool", "solo", env={"BATCHING_METRICS_PORT": str(port), "BATCHING_METRICS_ADDR": "127.0.0.1"}
-    ).ready()
+    env = {"BATCHING_METRICS_PORT": str(port), "BATCHING_METRICS_ADDR": "127.0.0.1"}
+    worker = start_worker("tests.apps.shop", "--pool", "solo", env=env).ready()
     assert f"metrics on http://127.0.0.1:{port}/metrics" in worker.output()
 
     ok = [shop.picky.delay(x=i) for i in range(20)]
