@@ -11,6 +11,7 @@ not assumed to be safe to call from two threads.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,7 +50,12 @@ class TimeLimits:
 
 
 def _tightest(values: list[Any]) -> float | None:
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    """The smallest usable limit: a positive, finite number a timer can wait for (NaN, inf, 1e300 are ignored)."""
+    numbers = [
+        float(v) for v in values
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= threading.TIMEOUT_MAX
+        and math.isfinite(v)
+    ]
     return min(numbers) if numbers else None
 
 

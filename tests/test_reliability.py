@@ -188,10 +188,10 @@ def reliable_worker(rel, redis_url, tmp_path_factory):
 
 def test_hard_time_limit_fails_the_batch_on_time(rel, reliable_worker):
     start = time.monotonic()
-    r = rel.stuck.delay(seconds=3)
+    r = rel.stuck.delay(seconds=10)
     with pytest.raises(TimeLimitExceeded):
         r.get(timeout=30)
-    assert time.monotonic() - start < 2.5
+    assert time.monotonic() - start < 6, "the 1 s hard limit did not cut a 10 s call short"
 
 
 def test_soft_time_limit_interrupts_the_model(rel, reliable_worker):

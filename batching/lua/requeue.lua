@@ -38,7 +38,7 @@ for c = 5, #ARGV do
           redis.call('HDEL', KEYS[2], sha)
           redis.call('LPUSH', KEYS[3], cjson.encode({
             queue = ARGV[4], at = now, raw = raw, deliveries = n,
-            reason = 'delivered ' .. n .. ' times and never finished: every consumer that took it died or lost ' ..
+            reason = 'delivered ' .. n .. ' time(s) and never finished: every consumer that took it died or lost ' ..
               'its lease (a crash, an OOM kill or a hang in run_batch)',
           }))
           out[#out + 1] = raw
