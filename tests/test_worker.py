@@ -167,3 +167,12 @@ def test_normal_consumer_does_not_take_batch_queue_messages(shop, start_worker, 
     worker.ready()
     assert shop.predict.delay(text="once").get(timeout=30) == "ONCE"
     assert "Task shop.predict[" not in worker.output()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_any_pool_serves_batched_and_ordinary_tasks(shop, start_worker, pool):
+    worker = start_worker("tests.apps.shop", "--pool", pool, "-c", "2").ready()
+    rs = [shop.predict.delay(text=f"{pool}{i}") for i in range(40)]
+    assert [r.get(timeout=30) for r in rs] == [f"{pool.upper()}{i}" for i in range(40)]
+    assert shop.add.delay(20, 22).get(timeout=30) == 42
+    assert f"batching {shop.predict.name}: consuming queue" in worker.output()
