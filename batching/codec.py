@@ -94,8 +94,19 @@ def _payload(
             body = compression.decompress(body, headers["compression"])
         except Exception as exc:
             raise MessageError(f"cannot decompress body ({headers['compression']}): {exc}") from exc
+    encoding = envelope.get("content-encoding") or "utf-8"
+    if (
+        content_type == "application/json" and encoding == "utf-8" and isinstance(body, bytes)
+        and (accept is None or content_type in accept) and b'"__type__"' not in body
+    ):
+        # kombu's JSON decoder differs from the C one only in turning {"__type__": ...} objects back into
+        # datetimes, bytes, UUIDs...: without one in the body, the C decoder gives the same result, 3x faster.
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise MessageError(f"cannot deserialize {content_type!r} body: {type(exc).__name__}: {exc}") from exc
     try:
-        return serialization.loads(body, content_type, envelope.get("content-encoding") or "utf-8", accept=accept)
+        return serialization.loads(body, content_type, encoding, accept=accept)
     except KombuContentDisallowed as exc:
         raise ContentDisallowed(f"content type {content_type!r} is not accepted by this app: {exc}") from exc
     except Exception as exc:

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 #: Longest single blocking read while idle, in seconds: bounds how late a stop request or a message on a
 #: non-default priority list (Redis can block on one list only) is noticed.
 IDLE_POLL_S = 1.0
+#: While a batch forms under ``max_delay``, how often it is topped up from Redis, in seconds.
+FORM_POLL_S = 0.001
 #: While the model is busy, how often the batch in hand is topped up from Redis (doubling while nothing comes).
 TOPUP_MIN_S, TOPUP_MAX_S = 0.002, 0.02
 _STOP: Any = object()
@@ -184,7 +186,12 @@ class BatchConsumer:
             if not batch.claim and (now >= idle_until or self._stopping.is_set()):
                 self._untrack(batch)
                 return None
-            timeout = min(wait, IDLE_POLL_S, idle_until - now if not batch.claim else wait)
+            if batch.claim:
+                # Forming a batch: poll for the rest of max_delay. A blocking read would be rounded up by Redis,
+                # which checks blocked clients' timeouts only on its cron tick (every 100 ms at the default hz).
+                self._stopping.wait(min(wait, FORM_POLL_S))
+                continue
+            timeout = min(wait, IDLE_POLL_S, idle_until - now)
             if batch.claim.next_eta is not None:
                 timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
             store.wait(timeout)

@@ -1,0 +1,163 @@
+"""`python -m bench`: plain Celery vs celery-batches vs ours, one private redis-server, one command.
+
+Every child process (redis-server, workers, clients) is stopped on normal exit, on error, on Ctrl-C and on
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from bench import peers, report
+from bench.config import SYSTEMS
+from bench.models import MODELS
+from bench.processes import BenchError, stop_all
+from bench.redis_server import private_redis
+from bench.runner import Harness, RunConfig
+
+
+def _csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in items if t not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)} (got {text!r})")
+        return items
+
+    return parse
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="requests per drain measurement (default 2000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement; medians are reported (default 3)")
+    parser.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS), help="default plain,batches,ours")
+    parser.add_argument("--models", type=_csv(tuple(MODELS)), default=list(MODELS), help="default noop,accel")
+    parser.add_argument("--batch-size", type=int, default=64, help="ours' batch_size = celery-batches' flush_every")
+    parser.add_argument(
+        "--max-delay",
+        type=float,
+        default=0.010,
+        help="seconds: celery-batches' flush_interval (default 0.010)",
+    )
+    parser.add_argument(
+        "--ours-max-delay",
+        type=float,
+        default=0.0,
+        help="seconds: ours' max_delay (default 0: the library's greedy default, run what is queued at once)",
+    )
+    parser.add_argument("--rate", type=float, default=50.0, help="offered load of the latency measure, req/s")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of open-loop load per latency run")
+    parser.add_argument(
+        "--loads",
+        type=_numbers,
+        default=[25, 50, 100, 200, 400],
+        help="offered loads for the latency-vs-load plot (run 0 only)",
+    )
+    parser.add_argument(
+        "--sweep-sizes",
+        type=_numbers,
+        default=[1, 8, 32, 64, 128],
+        help="batch sizes for the throughput-vs-batch-size plot (one run each)",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter for plain Celery and ours, e.g. .venv/bin/python (default: this one)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 1 run, 2 s latency, small sweeps")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out",
+        help="output dir (default bench/out)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.runs, args.duration = min(args.n, 200), 1, 2.0
+        args.loads, args.sweep_sizes = [args.rate], [8]
+    if args.n < 2 or args.runs < 1 or args.batch_size < 1 or args.max_delay < 0 or args.ours_max_delay < 0 or args.rate <= 0:
+        parser.error("need --n >= 2, --runs >= 1, --batch-size >= 1, --max-delay >= 0 and --rate > 0")
+    return args
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so the same `finally` blocks that handle Ctrl-C stop the children.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # Piped output (CI logs, `| tee`) would otherwise be wrapped at rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    systems: list[str] = list(args.systems)
+    skipped: dict[str, str] = {}
+    if "ours" in systems:
+        ok, why = peers.ours_available(args.python)
+        if not ok:
+            systems.remove("ours")
+            skipped["ours"] = f"`from batching import batched` fails in {args.python}: {why}"
+            console.print(f"[yellow]ours skipped:[/] {why}", highlight=False)
+    if not systems:
+        console.print("[red]nothing to run[/]")
+        return 2
+    models = list(args.models)
+    cfg = RunConfig(
+        n=args.n,
+        runs=args.runs,
+        systems=systems,
+        models=models,
+        batch_size=args.batch_size,
+        max_delay_s=args.max_delay,
+        ours_max_delay_s=args.ours_max_delay,
+        rate=args.rate,
+        duration_s=args.duration,
+        loads=sorted({float(x) for x in [*args.loads, args.rate]}),
+        sweep_sizes=sorted({int(x) for x in args.sweep_sizes}),
+        sweep_model="accel" if "accel" in models else models[0],
+        out=out,
+        python=args.python,
+        skipped=skipped,
+    )
+    started = time.monotonic()
+    try:
+        if "batches" in systems:
+            console.print(f"peers venv: {peers.ensure_peers_venv(out / 'logs' / 'peers-venv.log')}")
+        with private_redis(out / "redis") as url:
+            console.print(f"private redis-server at {url}; logs in {out / 'logs'}")
+            results = Harness(cfg, url).run()
+    except BenchError as exc:
+        console.print(f"[red]benchmark failed:[/] {exc}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: stopping child processes")
+        return 130
+    finally:
+        stop_all()  # belt and braces: anything a context manager did not reach
+    results["elapsed_s"] = time.monotonic() - started
+    results["skipped"] = skipped
+    report.print_table(results, cfg, console)
+    console.print(f"raw results: {report.write_json(results, out)}")
+    figure = report.plot(results, cfg, out)
+    console.print(f"plot: {figure}" if figure else "plot skipped: matplotlib is not installed")
+    console.print(f"total {results['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
