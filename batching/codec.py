@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from kombu import compression, serialization
 from kombu.exceptions import ContentDisallowed as KombuContentDisallowed
 
@@ -51,8 +52,8 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
     task_id: str | None = None
     task: str | None = None
     try:
-        # The envelope is plain JSON (kombu's own hooks only matter inside the body): the C decoder is enough.
-        envelope = json.loads(raw)
+        # The envelope is plain JSON (kombu's own hooks only matter inside the body): a C decoder is enough.
+        envelope = _json_loads(raw)
         if not isinstance(envelope, dict):
             raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
         # Headers first: once the task id is known, any later failure can still be stored as that task's FAILURE.
@@ -102,7 +103,7 @@ def _payload(
         # kombu's JSON decoder differs from the C one only in turning {"__type__": ...} objects back into
         # datetimes, bytes, UUIDs...: without one in the body, the C decoder gives the same result, 3x faster.
         try:
-            return json.loads(body)
+            return _json_loads(body)
         except ValueError as exc:
             raise MessageError(f"cannot deserialize {content_type!r} body: {type(exc).__name__}: {exc}") from exc
     try:
@@ -111,6 +112,18 @@ def _payload(
         raise ContentDisallowed(f"content type {content_type!r} is not accepted by this app: {exc}") from exc
     except Exception as exc:
         raise MessageError(f"cannot deserialize {content_type!r} body: {type(exc).__name__}: {exc}") from exc
+
+
+def _json_loads(data: bytes) -> Any:
+    """orjson where it agrees with the standard library, which decides everything orjson refuses.
+
+    orjson is about three times faster on kombu envelopes but rejects what Python's json accepts at the edges
+    (integers beyond 64 bits, NaN and Infinity): those fall back to ``json.loads``, so results never differ.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _protocol2(body: Any, headers: dict[str, Any], properties: dict[str, Any]) -> Request:

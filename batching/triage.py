@@ -8,7 +8,6 @@ task fail, expired and revoked ones are REVOKED, future ETAs are parked, everyth
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Collection, Container
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,88 +92,57 @@ def _decode(raw: bytes, rules: Rules) -> Request | Undecodable:
     return decode(raw, rules.accept)
 
 
-@dataclass(slots=True)
 class TaskRequest:
     """The task request as Celery's tracer and result backend read it (``Task.request``'s fields that matter).
 
-    A slotted record rather than ``celery.app.task.Context``, whose constructor costs more than the rest of a
-    request's bookkeeping together; the backend helpers only read these attributes.
+    Not ``celery.app.task.Context``, whose constructor costs more than the rest of a request's bookkeeping
+    together: a few slots are filled per message and everything else is read from the message's headers when (and
+    only if) a backend helper, a chord, a callback or an event asks for it.
     """
 
-    id: str
-    task: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    hostname: str
-    delivery_info: dict[str, Any]
-    ignore_result: bool = False
-    group: str | None = None
-    group_index: int | None = None
-    parent_id: str | None = None
-    root_id: str | None = None
-    retries: int = 0
-    timelimit: Any = None
-    callbacks: Any = None
-    errbacks: Any = None
-    chain: Any = None
-    chord: Any = None
-    reply_to: str | None = None
-    correlation_id: str | None = None
-    children: list[Any] = field(default_factory=list)
+    __slots__ = ("_embed", "_headers", "_props", "args", "children", "delivery_info", "hostname", "id",
+                 "ignore_result", "kwargs", "task")
+    called_directly = False
+    is_eager = False
     stamps: dict[str, Any] | None = None
     stamped_headers: list[str] | None = None
-    called_directly: bool = False
-    is_eager: bool = False
-    argsrepr: str | None = None
-    kwargsrepr: str | None = None
-    eta: str | None = None
-    expires: str | None = None
-    #: Unix time the client sent the message (``sent_at`` header of this library's clients), for queue-wait stats.
-    sent_at: float | None = None
+
+    def __init__(self, request: Request, rules: Rules) -> None:
+        self.id = request.id
+        self.task = request.task
+        self.args = request.args
+        self.kwargs = request.kwargs
+        self.hostname = rules.hostname
+        self.delivery_info = {"routing_key": rules.queue}
+        self._headers = request.headers
+        self._props = request.properties
+        self._embed = request.embed
+        self.ignore_result = bool(request.headers.get("ignore_result")) or rules.ignore_result
+        self.children: list[Any] = []
+
+    group = property(lambda self: self._headers.get("group"))
+    group_index = property(lambda self: self._headers.get("group_index"))
+    parent_id = property(lambda self: self._headers.get("parent_id"))
+    root_id = property(lambda self: self._headers.get("root_id"))
+    retries = property(lambda self: self._headers.get("retries") or 0)
+    timelimit = property(lambda self: self._headers.get("timelimit"))
+    argsrepr = property(lambda self: self._headers.get("argsrepr"))
+    kwargsrepr = property(lambda self: self._headers.get("kwargsrepr"))
+    eta = property(lambda self: self._headers.get("eta"))
+    expires = property(lambda self: self._headers.get("expires"))
+    callbacks = property(lambda self: self._embed.get("callbacks"))
+    errbacks = property(lambda self: self._embed.get("errbacks"))
+    chain = property(lambda self: self._embed.get("chain"))
+    chord = property(lambda self: self._embed.get("chord"))
+    reply_to = property(lambda self: self._props.get("reply_to"))
+    correlation_id = property(lambda self: self._props.get("correlation_id"))
+
+    @property
+    def sent_at(self) -> float | None:
+        """Unix time the client sent the message (``sent_at`` header of this library's clients)."""
+        value = self._headers.get("sent_at")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def request_context(request: Request, rules: Rules) -> TaskRequest:
-    """The task request as Celery's tracer would see it (result metadata, result_extended, chords, callbacks)."""
-    h = request.headers
-    embed: dict[str, Any] = request.embed
-    props = request.properties
-    return TaskRequest(
-        id=request.id,
-        task=request.task,
-        args=request.args,
-        kwargs=request.kwargs,
-        hostname=rules.hostname,
-        delivery_info={"routing_key": rules.queue},
-        ignore_result=bool(h.get("ignore_result")) or rules.ignore_result,
-        group=h.get("group"),
-        group_index=h.get("group_index"),
-        parent_id=h.get("parent_id"),
-        root_id=h.get("root_id"),
-        retries=h.get("retries") or 0,
-        timelimit=_timelimit(h.get("timelimit")),
-        callbacks=embed.get("callbacks"),
-        errbacks=embed.get("errbacks"),
-        chain=embed.get("chain"),
-        chord=embed.get("chord"),
-        reply_to=props.get("reply_to"),
-        correlation_id=props.get("correlation_id"),
-        argsrepr=h.get("argsrepr"),
-        kwargsrepr=h.get("kwargsrepr"),
-        eta=h.get("eta"),
-        expires=h.get("expires"),
-        sent_at=h.get("sent_at") if isinstance(h.get("sent_at"), (int, float)) else None,
-    )
-
-
-def _timelimit(value: Any) -> list[float | None] | None:
-    """A request's ``[hard, soft]`` time limits, keeping only numbers of seconds a timer can actually wait.
-
-    Headers are untrusted input: ``Infinity``, ``NaN`` or ``1e300`` would kill the watchdog's timer thread with an
-    ``OverflowError``, leaving the batch with no limit and an unhandled thread exception; such a limit is no limit.
-    """
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        return None
-    return [
-        float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= threading.TIMEOUT_MAX else None
-        for v in value
-    ]
+    return TaskRequest(request, rules)
