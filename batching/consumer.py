@@ -16,7 +16,6 @@ Writing batch *k*'s results overlaps the model running batch *k+1*, which overla
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -94,8 +93,10 @@ class BatchConsumer:
         self._events_enabled = events_enabled
         self._connection: Any = None
         self._stopping = threading.Event()
-        self._model_idle = threading.Event()
-        self._handoff: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # The next batch waits in this one-place slot for the model thread, which takes it without waking the
+        # fetch thread; the fetch thread tops it up, under the same lock, until it is taken.
+        self._slot: Any = None
+        self._slot_changed = threading.Condition(threading.Lock())
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._active: set[str] = set()
@@ -165,8 +166,11 @@ class BatchConsumer:
                 self._untrack(batch)  # its lease runs out and any consumer re-queues it
             self._stopping.wait(backoff)
             backoff = next_backoff(backoff)
-        self._release_unstarted()
-        self._handoff.put(_STOP)
+        with self._slot_changed:
+            if self._slot is not None:
+                self._release(self._slot)
+            self._slot = _STOP
+            self._slot_changed.notify_all()
 
     def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
         """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
@@ -208,25 +212,20 @@ class BatchConsumer:
         return taken
 
     def _hand_off(self, batch: Batch) -> None:
-        """Give the batch to the model thread once it is free, topping the batch up while it is not."""
+        """Put the batch in the model's slot, and top it up there until the model thread takes it."""
         if not batch.runnable:
             self._done.put(batch)  # nothing to run: settle and finish it straight away
             return
         poll = TOPUP_MIN_S
-        while not self._model_idle.wait(poll):
-            if self._stopping.is_set():
-                self._release(batch)
-                return
-            poll = TOPUP_MIN_S if self._top_up(batch) else min(poll * 2, TOPUP_MAX_S)
-        self._model_idle.clear()  # the model thread sets it again only when it wants the next batch
-        self._handoff.put(batch)
-
-    def _release_unstarted(self) -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                item = self._handoff.get_nowait()
-                if item is not _STOP:
-                    self._release(item)
+        with self._slot_changed:
+            self._slot = batch
+            self._slot_changed.notify_all()
+            while self._slot is batch:
+                if self._stopping.is_set():
+                    return  # the fetch loop gives the slot's batch back
+                # Topping up holds the lock for one claim round trip: the model thread may wait that long.
+                poll = TOPUP_MIN_S if self._top_up(batch) else min(poll * 2, TOPUP_MAX_S)
+                self._slot_changed.wait(poll)
 
     def _release(self, batch: Batch) -> None:
         """Give a batch that never started back to the front of its queue."""
@@ -243,10 +242,13 @@ class BatchConsumer:
 
     def _model_loop(self) -> None:
         while True:
-            self._model_idle.set()
-            batch = self._handoff.get()
-            self._model_idle.clear()
+            with self._slot_changed:
+                while self._slot is None:
+                    self._slot_changed.wait()
+                batch, self._slot = self._slot, None
+                self._slot_changed.notify_all()
             if batch is _STOP:
+                self._slot = _STOP  # stay stopped
                 self._done.put(_STOP)
                 return
             self.run(batch)
