@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batching.keys import QueueKeys
-from batching.redis_server import private_redis
+from batching.redis_server import private_redis, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console()
@@ -85,12 +85,7 @@ def _worker(url: str, pool: str) -> Iterator[None]:
                     raise SystemExit("the worker did not start:\n" + "".join(lines[-40:]))
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 30)
 
 
 def _run(n: int, timeout: float) -> int:
