@@ -11,7 +11,7 @@ would have sent, so the worker cannot tell the difference.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from celery.result import AsyncResult
@@ -76,13 +76,20 @@ def submit_many(
     return results
 
 
-def gather(results: Sequence[AsyncResult], *, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+def gather(
+    results: Sequence[AsyncResult],
+    *,
+    timeout: float | None = None,
+    propagate: bool = True,
+    on_ready: Callable[[int], None] | None = None,
+) -> list[Any]:
     """Wait for many results at once; return their values in order.
 
     One SUBSCRIBE per ``GATHER_CHUNK`` pending tasks, then one MGET to catch what finished before the
     subscription, then the published results as they arrive — rather than a subscription and a poll per task.
     With ``propagate`` the first failure is raised (with its original type); otherwise exceptions are returned
-    in place of values. Raises ``TimeoutError`` when ``timeout`` passes first.
+    in place of values. ``on_ready(index)`` is called as each result arrives (a progress bar, say). Raises
+    ``TimeoutError`` when ``timeout`` passes first.
     """
     if not results:
         return []
@@ -101,14 +108,14 @@ def gather(results: Sequence[AsyncResult], *, timeout: float | None = None, prop
         for start in range(0, len(names), GATHER_CHUNK):
             chunk = names[start:start + GATHER_CHUNK]
             for key, raw in zip(chunk, client.mget(chunk), strict=True):
-                _take(backend, pending, metas, key, raw)
+                _take(backend, pending, metas, key, raw, on_ready)
         while pending:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 raise TimeoutError(f"{len(pending)} of {len(results)} results still pending after {timeout}s")
             message = pubsub.get_message(timeout=min(wait, 1.0) if wait is not None else 1.0)
             if message and message["type"] == "message":
-                _take(backend, pending, metas, message["channel"], message["data"])
+                _take(backend, pending, metas, message["channel"], message["data"], on_ready)
     finally:
         pubsub.close()
     out = []
@@ -125,9 +132,14 @@ def gather(results: Sequence[AsyncResult], *, timeout: float | None = None, prop
     return out
 
 
-def _take(backend: Any, pending: dict[Any, int], metas: list[Any], key: Any, raw: Any) -> None:
+def _take(
+    backend: Any, pending: dict[Any, int], metas: list[Any], key: Any, raw: Any, on_ready: Callable[[int], None] | None
+) -> None:
     if raw is None or key not in pending:
         return
     meta = backend.decode_result(raw)
     if meta["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
-        metas[pending.pop(key)] = meta
+        index = pending.pop(key)
+        metas[index] = meta
+        if on_ready is not None:
+            on_ready(index)

@@ -34,6 +34,7 @@ console = Console()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000, help="requests to submit (default: 3000)")
+    parser.add_argument("--clients", type=int, default=4, help="client threads calling delay() (default: 4)")
     parser.add_argument("--pool", default="solo", help="worker pool (default: solo)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results")
     args = parser.parse_args(argv)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     with _redis() as url:
         os.environ["REDIS_URL"] = url
         with _worker(url, args.pool):
-            return _run(args.n, args.timeout)
+            return _run(args.n, args.timeout, max(1, args.clients))
 
 
 @contextlib.contextmanager
@@ -88,46 +89,44 @@ def _worker(url: str, pool: str) -> Iterator[None]:
         terminate(proc, 30)
 
 
-def _run(n: int, timeout: float) -> int:
-    from celery.result import ResultSet
-
+def _run(n: int, timeout: float, clients: int) -> int:
+    from batching.client import gather
     from tasks import app, predict
 
     backend: Any = app.backend
     stats_key = QueueKeys(predict.batching.queue).stats
     before = _sizes(backend.client.hgetall(stats_key))
     words = ["great", "awful", "love", "slow", "fast", "terrible", "nice", "broken", "happy", "sad"]
-    sent: dict[str, float] = {}
-    results = []
+    sent = [0.0] * n
+    ids = [""] * n
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        submit = progress.add_task("submitted", total=n)
+        submit = progress.add_task(f"submitted ({clients} client threads, one delay() per request)", total=n)
         done = progress.add_task("completed", total=n)
-        for i in range(n):
-            text = f"the service was {words[i % len(words)]} and {words[(i * 7) % len(words)]} #{i}"
-            now = time.time()
-            result = predict.delay(text=text)
-            sent[result.id] = now
-            results.append(result)
-            progress.advance(submit)
-        by_id: dict[str, float] = {}
 
-        def arrived(task_id: str, value: float) -> None:
-            by_id[task_id] = value
-            progress.advance(done)
+        def client(first: int) -> None:  # like a web app's request threads: one request, one delay()
+            for i in range(first, n, clients):
+                text = f"the service was {words[i % len(words)]} and {words[(i * 7) % len(words)]} #{i}"
+                sent[i] = time.time()
+                ids[i] = predict.delay(text=text).id
+                progress.advance(submit)
 
-        ResultSet(results).join_native(timeout=timeout, callback=arrived)
-    values = [by_id[r.id] for r in results]
-    metas = [backend.decode_result(m) for m in backend.client.mget([backend.get_key_for_task(r.id) for r in results])]
-    finished = {m["task_id"]: datetime.fromisoformat(m["date_done"]).timestamp() for m in metas}
-    latencies = sorted(finished[r.id] - sent[r.id] for r in results)
-    first_sent, last_done = min(sent.values()), max(finished.values())
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results = [app.AsyncResult(task_id) for task_id in ids]
+        values = gather(results, timeout=timeout, on_ready=lambda _i: progress.advance(done))
+    metas = [backend.decode_result(m) for m in backend.client.mget([backend.get_key_for_task(i) for i in ids])]
+    latencies = sorted(datetime.fromisoformat(m["date_done"]).timestamp() - t for m, t in zip(metas, sent, strict=True))
+    last_done = max(datetime.fromisoformat(m["date_done"]).timestamp() for m in metas)
     after = _sizes(backend.client.hgetall(stats_key))
     ran = {size: after.get(size, 0) - before.get(size, 0) for size in after}
-    _report(n, values, latencies, last_done - first_sent, {k: v for k, v in ran.items() if v})
+    _report(n, values, latencies, last_done - min(sent), {k: v for k, v in ran.items() if v})
     # Pending AsyncResults unsubscribe through Redis when collected: let that happen while it is still up.
-    del results, values
+    del results
     gc.collect()
     return 0
 
