@@ -52,6 +52,8 @@ IDLE_POLL_S = 1.0
 FORM_POLL_S = 0.001
 #: While the model is busy, how often the batch in hand is topped up from Redis (doubling while nothing comes).
 TOPUP_MIN_S, TOPUP_MAX_S = 0.002, 0.02
+#: Batches that may wait for the keeper thread (results to store) before the model thread waits for it.
+MAX_UNSETTLED = 2
 _STOP: Any = object()
 
 
@@ -97,7 +99,10 @@ class BatchConsumer:
         # fetch thread; the fetch thread tops it up, under the same lock, until it is taken.
         self._slot: Any = None
         self._slot_changed = threading.Condition(threading.Lock())
-        self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Bounded: when storing results falls behind the model, the model thread waits here, the fetch thread
+        # then stops claiming, and nothing piles up in memory (an unbounded queue grew without limit under a
+        # fast model).
+        self._done: queue.Queue[Any] = queue.Queue(maxsize=MAX_UNSETTLED)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
