@@ -44,7 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=2000, help="requests per drain measurement (default 2000)")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement; medians are reported (default 3)")
     parser.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS), help="default plain,batches,ours")
-    parser.add_argument("--models", type=_csv(tuple(MODELS)), default=list(MODELS), help="default noop,accel")
+    parser.add_argument(
+        "--models",
+        type=_csv(tuple(MODELS)),
+        default=["noop", "accel"],
+        help="default noop,accel; embed = a real model (all-MiniLM-L6-v2, one CPU thread): try --n 1500 --runs 1",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="ours' batch_size = celery-batches' flush_every")
     parser.add_argument(
         "--max-delay",
@@ -88,7 +93,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.n, args.runs, args.duration = min(args.n, 200), 1, 2.0
         args.loads, args.sweep_sizes = [args.rate], [8]
-    if args.n < 2 or args.runs < 1 or args.batch_size < 1 or args.max_delay < 0 or args.ours_max_delay < 0 or args.rate <= 0:
+    if (
+        args.n < 2
+        or args.runs < 1
+        or args.batch_size < 1
+        or args.max_delay < 0
+        or args.ours_max_delay < 0
+        or args.rate <= 0
+    ):
         parser.error("need --n >= 2, --runs >= 1, --batch-size >= 1, --max-delay >= 0 and --rate > 0")
     return args
 

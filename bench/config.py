@@ -16,6 +16,10 @@ _URL = "BENCH_REDIS_URL"
 _MODEL = "BENCH_MODEL"
 _BATCH_SIZE = "BENCH_BATCH_SIZE"
 _MAX_DELAY_S = "BENCH_MAX_DELAY_S"
+# Optional: the soak and scale-out benchmarks set them, the side-by-side harness leaves Celery's defaults.
+_RESULT_EXPIRES_S = "BENCH_RESULT_EXPIRES_S"
+_RESULT_EXTENDED = "BENCH_RESULT_EXTENDED"
+_RECORD = "BENCH_RECORD"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +29,12 @@ class AppSettings:
     batch_size: int
     #: How long a batcher may hold the oldest request waiting for more, in seconds.
     max_delay_s: float
+    #: Celery's `result_expires`, in seconds; None keeps Celery's default (one day).
+    result_expires_s: int | None = None
+    #: Celery's `result_extended`: metas also carry name, args, kwargs and the worker's hostname.
+    result_extended: bool = False
+    #: Wrap ours' model in `bench.models.recording`: every input it ran is counted in Redis.
+    record: bool = False
 
     @classmethod
     def from_env(cls) -> AppSettings:
@@ -36,6 +46,9 @@ class AppSettings:
             model=os.environ[_MODEL],
             batch_size=int(os.environ[_BATCH_SIZE]),
             max_delay_s=float(os.environ[_MAX_DELAY_S]),
+            result_expires_s=int(os.environ[_RESULT_EXPIRES_S]) if os.environ.get(_RESULT_EXPIRES_S) else None,
+            result_extended=os.environ.get(_RESULT_EXTENDED) == "1",
+            record=os.environ.get(_RECORD) == "1",
         )
 
     def to_env(self) -> dict[str, str]:
@@ -44,4 +57,7 @@ class AppSettings:
             _MODEL: self.model,
             _BATCH_SIZE: str(self.batch_size),
             _MAX_DELAY_S: repr(self.max_delay_s),
+            _RESULT_EXPIRES_S: "" if self.result_expires_s is None else str(self.result_expires_s),
+            _RESULT_EXTENDED: "1" if self.result_extended else "0",
+            _RECORD: "1" if self.record else "0",
         }

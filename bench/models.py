@@ -1,11 +1,19 @@
-"""Synthetic models with the same batch semantics for every system: a list of inputs in, one output per input
-out.
+"""Models with the same batch semantics for every system: a list of inputs in, one output per input out.
 
-Plain Celery calls them with a batch of one; the batchers call them with whatever batch they formed.
+Plain Celery calls them with a batch of one; the batchers call them with whatever batch they formed. Inputs are
+the request indices the clients send (`x=i`); `embed` turns each into a short sentence.
+
+`python -m bench.models raw --model embed` times a model's batched call in-process, with no Celery at all: the
+ceiling a batching framework can approach.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import json
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +24,19 @@ Model = Callable[[Sequence[Any]], list[Any]]
 ACCEL_FIXED_S = 0.005
 #: Extra cost of one item in an `accel` call, in seconds.
 ACCEL_PER_ITEM_S = 0.00005
+#: Threads torch may use for `embed`: one, so that raw, plain and ours compare like for like and the numbers stay
+#: stable on a 2-core machine (the other core is the framework's and Redis's).
+EMBED_THREADS = 1
+#: Models that need packages the peers' virtualenv lacks (celery-batches pins celery<5.7 and has no torch).
+NEEDS_TORCH = frozenset({"embed"})
+#: Redis keys written by `recording`: the set of inputs run, the number of inputs run, and inputs run per pid.
+RECORD_SEEN = "bench:record:seen"
+RECORD_RUNS = "bench:record:runs"
+RECORD_BY_PID = "bench:record:by-pid"
+
+_SUBJECTS = ("The courier", "A customer", "Our support team", "The warehouse", "My neighbour", "The new app")
+_VERBS = ("delivered", "praised", "returned", "lost", "reviewed", "recommended")
+_OBJECTS = ("the blue kettle", "a pair of boots", "the quarterly report", "two concert tickets", "the spare keys")
 
 
 def noop(xs: Sequence[Any]) -> list[Any]:
@@ -29,7 +50,39 @@ def accel(xs: Sequence[Any]) -> list[Any]:
     return list(xs)
 
 
-MODELS: dict[str, Model] = {"noop": noop, "accel": accel}
+def sentence(i: int) -> str:
+    """A short, distinct English sentence for request index `i` (any int, the warm-up sends negative ones)."""
+    subject = _SUBJECTS[i % len(_SUBJECTS)]
+    verb = _VERBS[(i // len(_SUBJECTS)) % len(_VERBS)]
+    obj = _OBJECTS[(i // 7) % len(_OBJECTS)]
+    return f"{subject} {verb} {obj} on order {i}."
+
+
+@functools.cache
+def _embedder() -> Any:
+    """`tasks.embeddings.Embedder`, built once per process on first use (clients never load torch)."""
+    # Rust tokenizers would otherwise spread each batch over every core, competing with the framework.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from celery import _state
+
+    torch.set_num_threads(EMBED_THREADS)
+    # Importing `tasks` creates the example app, which makes itself Celery's current app; give that role back to
+    # the bench app that was current (a worker resolves `current_app` through it).
+    current = _state.get_current_app()
+    from tasks.embeddings import Embedder
+
+    current.set_current()
+    return Embedder()
+
+
+def embed(xs: Sequence[Any]) -> list[Any]:
+    """all-MiniLM-L6-v2 sentence embeddings (384 floats each), one forward pass per call, on one CPU thread."""
+    vectors: list[Any] = _embedder().run_batch([sentence(int(x)) for x in xs])
+    return vectors
+
+
+MODELS: dict[str, Model] = {"noop": noop, "accel": accel, "embed": embed}
 
 
 def get_model(name: str) -> Model:
@@ -37,3 +90,54 @@ def get_model(name: str) -> Model:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+
+
+def recording(model: Model, url: str) -> Model:
+    """`model`, plus one Redis round trip per call that records which inputs ran, how many, and in which process.
+
+    An input that ran twice shows as `RECORD_RUNS` > `SCARD RECORD_SEEN`: evidence from the model's side,
+    independent of the library's own counters.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url)
+    pid = str(os.getpid())
+
+    def recorded(xs: Sequence[Any]) -> list[Any]:
+        outputs = model(xs)
+        if xs:
+            pipe = client.pipeline(transaction=False)
+            pipe.sadd(RECORD_SEEN, *xs)
+            pipe.incrby(RECORD_RUNS, len(xs))
+            pipe.hincrby(RECORD_BY_PID, pid, len(xs))
+            pipe.execute()
+        return outputs
+
+    return recorded
+
+
+def raw_rate(name: str, *, batch_size: int, n: int) -> dict[str, Any]:
+    """Items per second of `name` called directly on batches of `batch_size`, after one warm-up batch."""
+    model = get_model(name)
+    model(list(range(-batch_size, 0)))  # loads the model and warms its first-call paths
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        model(batch)
+    elapsed = time.perf_counter() - start
+    return {"model": name, "batch_size": batch_size, "n": n, "elapsed_s": elapsed, "rate": n / elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.models", description="time a model in-process")
+    parser.add_argument("mode", choices=("raw",))
+    parser.add_argument("--model", choices=tuple(MODELS), required=True)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1280, help="items to run, after one warm-up batch")
+    args = parser.parse_args(argv)
+    print(json.dumps(raw_rate(args.model, batch_size=args.batch_size, n=args.n)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

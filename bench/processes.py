@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,3 +124,56 @@ def run_json(cmd: Sequence[str], *, env: Mapping[str, str], timeout_s: float, lo
         raise BenchError(f"client exited with {proc.returncode}: {' '.join(cmd)} (log: {log})")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def celery_worker_pid(root: int, *, timeout_s: float = 10.0) -> int:
+    """The pid of the `celery ... worker` main process at or under `root` (Linux /proc).
+
+    The shallowest match is the one wanted: a shell or launcher above it is a wrapper, and a prefork pool's
+    children below it are not where the batching consumers run (they live in the main process whatever the pool).
+    Looked for until `timeout_s`: just after Popen returns, /proc sometimes still shows no command line.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        level = [root]
+        while level:
+            for pid in level:
+                argv = _cmdline(pid)
+                if any("celery" in a for a in argv) and "worker" in argv and "python" in _exe(pid):
+                    return pid
+            level = [c for pid in level for c in _children(pid)]
+        if time.monotonic() > deadline:
+            raise BenchError(f"no celery worker process at or under pid {root} after {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """`VmRSS` (resident now) and `VmHWM` (peak resident) of `pid`, in KiB, from /proc/<pid>/status."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out

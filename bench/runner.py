@@ -4,7 +4,8 @@ One session = FLUSHALL -> pre-fill N requests with no worker running (timed: the
 the worker -> wait for all N results (drain rate from their `date_done` stamps) -> open-loop latency at each
 offered load on the same, now warm, worker -> stop the worker -> optionally time a bulk submit. Systems are
 interleaved within each run rather than run back to back, so slow drift on this noisy 2-core machine spreads
-over all of them.
+over all of them. A model with an in-process ceiling (`RAW_MODELS`) is also timed alone, once per run, with no
+Celery at all (`python -m bench.models raw`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import redis
 
 from bench import peers
 from bench.config import SYSTEMS, AppSettings
+from bench.models import NEEDS_TORCH
 from bench.processes import BenchError, child_env, run_json, running
 from bench.stats import drain_stats, median
 
@@ -33,6 +35,8 @@ FIRST_RESULT_TIMEOUT_S = 60.0
 STALL_TIMEOUT_S = 30.0
 #: Systems whose batch size means something (plain Celery always runs one item per call).
 BATCHING_SYSTEMS = ("batches", "ours")
+#: Models whose batched call is also timed in-process, without Celery: the ceiling ours is compared with.
+RAW_MODELS = frozenset({"embed"})
 _ERROR_LINE = re.compile(rb"\b(ERROR|CRITICAL)\b|Traceback")
 
 
@@ -71,24 +75,54 @@ class Harness:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         sessions: list[dict[str, Any]] = []
+        raw: list[dict[str, Any]] = []
         for run in range(cfg.runs):
             for model in cfg.models:
+                if model in RAW_MODELS:
+                    raw.append(self.raw(model, run))
                 for system in cfg.systems:
+                    if self._skip(system, model):
+                        continue
                     loads = cfg.loads if run == 0 and model == cfg.sweep_model else [cfg.rate]
                     sessions.append(self.session(system, model, cfg.batch_size, run, loads=loads, bulk=True))
         sweep: list[dict[str, Any]] = []
         for size in cfg.sweep_sizes:
             for system in (s for s in cfg.systems if s in BATCHING_SYSTEMS):
+                if self._skip(system, cfg.sweep_model):
+                    continue
                 if size != cfg.batch_size:  # that point is the headline drain, already measured R times
                     sweep.append(self.session(system, cfg.sweep_model, size, 0, loads=[], bulk=False))
         info = self.redis.info("server")
+        raw_by = sorted({r["model"] for r in raw})
         return {
             "config": {**asdict(cfg), "out": str(cfg.out)},
             "redis_server": info.get("redis_version"),
             "sessions": sessions,
             "sweep": sweep,
+            "raw": raw,
             "summary": summarize(sessions, cfg),
+            "raw_summary": {m: {"drain_rate": median(r.get("rate") for r in raw if r["model"] == m)} for m in raw_by},
         }
+
+    def _skip(self, system: str, model: str) -> bool:
+        """celery-batches cannot run a torch model: its venv (celery<5.7) has no torch. Noted, not failed."""
+        if system == "batches" and model in NEEDS_TORCH:
+            self.cfg.skipped[f"batches/{model}"] = "the peers' venv (celery-batches, celery<5.7) has no torch"
+            return True
+        return False
+
+    def raw(self, model: str, run: int) -> dict[str, Any]:
+        """The model's own batched rate at `batch_size`, in a fresh process, on the same inputs as the drain."""
+        cfg = self.cfg
+        print(f"  raw-{model}-b{cfg.batch_size}-r{run}: n={cfg.n}", flush=True)
+        cmd = [cfg.python, "-m", "bench.models", "raw", "--model", model, "--batch-size", str(cfg.batch_size),
+               "--n", str(cfg.n)]
+        try:
+            found = run_json(cmd, env=child_env({}), timeout_s=300 + cfg.n, log=self.logs / f"raw-{model}.log")
+        except BenchError as exc:
+            print(f"    error: {exc}", flush=True)
+            return {"model": model, "run": run, "error": str(exc)}
+        return {**found, "run": run}
 
     def session(
         self, system: str, model: str, batch_size: int, run: int, *, loads: list[float], bulk: bool
@@ -125,7 +159,7 @@ class Harness:
             result.update(celery=filled["celery"], has_bulk=filled["has_bulk"], submit_rate=filled["rate"])
             with running(worker, env=env, log=self.logs / f"{tag}.worker.log") as proc:
                 started = time.monotonic()
-                metas = self._wait_for_results(filled["ids"])
+                metas = wait_for_results(self.redis, filled["ids"])
                 result["drain"] = {**drain_stats(metas), "wall_s": time.monotonic() - started}
                 if None in metas:
                     result["drain"]["stalled"] = self._diagnose(proc)
@@ -144,7 +178,7 @@ class Harness:
             # One system failing (a wedged peer, ours not landed yet) must not cost the others' numbers.
             result["error"] = str(exc)
             print(f"    error: {exc}", flush=True)
-        result["worker_log_errors"] = _count_error_lines(self.logs / f"{tag}.worker.log")
+        result["worker_log_errors"] = count_error_lines(self.logs / f"{tag}.worker.log")
         return result
 
     def _latency(self, client: list[str], system: str, env: dict[str, str], load: float, tag: str) -> dict[str, Any]:
@@ -166,33 +200,6 @@ class Harness:
         ]
         return run_json(cmd, env=env, timeout_s=120 + cfg.duration_s + wait_s, log=self.logs / f"{tag}.client.log")
 
-    def _wait_for_results(self, ids: list[str]) -> list[bytes | None]:
-        """Poll until every id has a stored result or progress stops; return the raw metas in `ids` order.
-
-        The deadline moves with progress rather than being fixed from N, so a slow but healthy drain is never
-        cut short while a wedged worker costs half a minute, not the full budget.
-        """
-        pending = list(ids)
-        deadline = time.monotonic() + FIRST_RESULT_TIMEOUT_S
-        while pending and time.monotonic() < deadline:
-            # EXISTS on what is still pending only: the poll costs less as the drain proceeds, and a 0.25 s
-            # interval keeps it well under 1% of Redis's time. Timing comes from `date_done`, not from this
-            # loop.
-            pipe = self.redis.pipeline(transaction=False)
-            for task_id in pending:
-                pipe.exists(META_PREFIX + task_id)
-            still = [t for t, found in zip(pending, pipe.execute(), strict=True) if not found]
-            if len(still) < len(pending):
-                deadline = time.monotonic() + STALL_TIMEOUT_S
-            pending = still
-            if pending:
-                time.sleep(0.25)
-        metas: list[bytes | None] = []
-        for i in range(0, len(ids), 1000):
-            # Without decode_responses redis-py returns bytes (its stubs also allow str).
-            metas.extend(cast(list[bytes | None], self.redis.mget([META_PREFIX + t for t in ids[i : i + 1000]])))
-        return metas
-
     def _diagnose(self, proc: subprocess.Popen[Any]) -> dict[str, Any]:
         """Record where the missing requests sit, and ask the worker for a thread dump in its log."""
         lists = {k.decode(errors="replace"): self.redis.llen(k) for k in self.redis.scan_iter(_type="list")}
@@ -204,7 +211,35 @@ class Harness:
         return found
 
 
-def _count_error_lines(log: Path) -> int:
+def wait_for_results(client: redis.Redis, ids: list[str]) -> list[bytes | None]:
+    """Poll until every id has a stored result or progress stops; return the raw metas in `ids` order.
+
+    The deadline moves with progress rather than being fixed from N, so a slow but healthy drain is never
+    cut short while a wedged worker costs half a minute, not the full budget.
+    """
+    pending = list(ids)
+    deadline = time.monotonic() + FIRST_RESULT_TIMEOUT_S
+    while pending and time.monotonic() < deadline:
+        # EXISTS on what is still pending only: the poll costs less as the drain proceeds, and a 0.25 s
+        # interval keeps it well under 1% of Redis's time. Timing comes from `date_done`, not from this
+        # loop.
+        pipe = client.pipeline(transaction=False)
+        for task_id in pending:
+            pipe.exists(META_PREFIX + task_id)
+        still = [t for t, found in zip(pending, pipe.execute(), strict=True) if not found]
+        if len(still) < len(pending):
+            deadline = time.monotonic() + STALL_TIMEOUT_S
+        pending = still
+        if pending:
+            time.sleep(0.25)
+    metas: list[bytes | None] = []
+    for i in range(0, len(ids), 1000):
+        # Without decode_responses redis-py returns bytes (its stubs also allow str).
+        metas.extend(cast(list[bytes | None], client.mget([META_PREFIX + t for t in ids[i : i + 1000]])))
+    return metas
+
+
+def count_error_lines(log: Path) -> int:
     if not log.exists():
         return 0
     return sum(1 for line in log.read_bytes().splitlines() if _ERROR_LINE.search(line))

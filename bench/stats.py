@@ -65,3 +65,26 @@ def drain_stats(metas: Sequence[bytes | None]) -> dict[str, Any]:
         "span_s": span,
         "states": dict(states),
     }
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of ys over xs; None with fewer than two distinct xs."""
+    if len(xs) < 2 or len(set(xs)) < 2:
+        return None
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def overlap_rate(stamps_by_worker: dict[str, list[float]]) -> dict[str, Any]:
+    """Completions per second while *every* worker was producing results: between the latest first stamp and the
+    earliest last stamp. It leaves out the start-up skew (one worker booted before the other) and the tail (one
+    worker finished its last batch while the other was still on its own)."""
+    if len(stamps_by_worker) < 2 or any(not s for s in stamps_by_worker.values()):
+        return {"rate": None, "span_s": 0.0, "done": 0}
+    start = max(min(s) for s in stamps_by_worker.values())
+    end = min(max(s) for s in stamps_by_worker.values())
+    # Results stamped at `start` itself were computed before the window opened (see `drain_stats`).
+    done = sum(1 for s in stamps_by_worker.values() for t in s if start + SAME_INSTANT_S < t <= end)
+    span = end - start
+    return {"rate": done / span if span > 0 else None, "span_s": span, "done": done}

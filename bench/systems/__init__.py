@@ -15,4 +15,7 @@ def make_app(name: str, settings: AppSettings) -> Celery:
     app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
     # Silences Celery's start-up deprecation warning; the private redis-server is up before any worker starts.
     app.conf.broker_connection_retry_on_startup = True
+    if settings.result_expires_s is not None:
+        app.conf.result_expires = settings.result_expires_s
+    app.conf.result_extended = settings.result_extended
     return app

@@ -6,12 +6,14 @@ from typing import Any
 
 from batching import batched
 from bench.config import AppSettings
-from bench.models import get_model
+from bench.models import get_model, recording
 from bench.systems import make_app
 
 settings = AppSettings.from_env()
 app = make_app("bench-ours", settings)
 model = get_model(settings.model)
+if settings.record:
+    model = recording(model, settings.redis_url)
 
 
 @batched(app, batch_size=settings.batch_size, max_delay=settings.max_delay_s, name="bench.ours.predict")
