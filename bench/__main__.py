@@ -7,20 +7,15 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
+from typing import Any
 
-from rich.console import Console
-
-from bench import peers, report
+from bench import peers, report, session
 from bench.config import SYSTEMS
 from bench.models import MODELS
-from bench.processes import BenchError, stop_all
-from bench.redis_server import private_redis
 from bench.runner import Harness, RunConfig
 
 
@@ -105,16 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into an exception so the same `finally` blocks that handle Ctrl-C stop the children.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    # Piped output (CI logs, `| tee`) would otherwise be wrapped at rich's 80-column default.
-    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console = session.console()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     systems: list[str] = list(args.systems)
@@ -147,20 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         skipped=skipped,
     )
     started = time.monotonic()
-    try:
+
+    def measure(url: str) -> dict[str, Any]:
         if "batches" in systems:
             console.print(f"peers venv: {peers.ensure_peers_venv(out / 'logs' / 'peers-venv.log')}")
-        with private_redis(out / "redis") as url:
-            console.print(f"private redis-server at {url}; logs in {out / 'logs'}")
-            results = Harness(cfg, url).run()
-    except BenchError as exc:
-        console.print(f"[red]benchmark failed:[/] {exc}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: stopping child processes")
-        return 130
-    finally:
-        stop_all()  # belt and braces: anything a context manager did not reach
+        return Harness(cfg, url).run()
+
+    measured, code = session.on_private_redis("benchmark", out, console, measure)
+    if measured is None:
+        return code
+    results = measured
     results["elapsed_s"] = time.monotonic() - started
     results["skipped"] = skipped
     report.print_table(results, cfg, console)

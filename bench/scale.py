@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
-from rich.console import Console
 
-from bench import inproc, report
+from bench import inproc, report, session
 from bench.config import AppSettings
 from bench.models import MODELS, RECORD_BY_PID, RECORD_RUNS, RECORD_SEEN
-from bench.processes import BenchError, celery_worker_pid, child_env, running, stop_all
-from bench.redis_server import private_redis
+from bench.processes import celery_worker_pid, child_env, running
 from bench.runner import count_error_lines, wait_for_results
 from bench.stats import drain_stats, overlap_rate
 
@@ -108,10 +104,6 @@ def _by_worker(metas: list[bytes | None]) -> tuple[dict[str, int], dict[str, lis
     return dict(counts), dict(stamps)
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=40_000, help="requests per phase (default 40,000)")
@@ -123,26 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 2 or args.workers < 2 or args.batch_size < 1:
         parser.error("need --n >= 2, --workers >= 2 and --batch-size >= 1")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    # Ctrl-C raises KeyboardInterrupt even when started in the background (`&` starts it with SIGINT ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console = session.console()
     out: Path = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with private_redis(out / "redis") as url:
-            console.print(f"private redis-server at {url}; worker logs in {out / 'logs'}")
-            bench = ScaleOut(n=args.n, model=args.model, batch_size=args.batch_size, url=url, python=args.python,
-                             logs=out / "logs")
-            phases = [bench.phase(1), bench.phase(args.workers)]
-    except BenchError as exc:
-        console.print(f"[red]scale-out failed:[/] {exc}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: stopping the workers and the redis-server")
-        return 130
-    finally:
-        stop_all()
+
+    def measure(url: str) -> list[dict[str, Any]]:
+        bench = ScaleOut(n=args.n, model=args.model, batch_size=args.batch_size, url=url, python=args.python,
+                         logs=out / "logs")
+        return [bench.phase(1), bench.phase(args.workers)]
+
+    phases, code = session.on_private_redis("scale-out", out, console, measure)
+    if phases is None:
+        return code
     result = {"n": args.n, "model": args.model, "batch_size": args.batch_size, "phases": phases}
     report.print_scale(result, console)
     path = out / "scale.json"

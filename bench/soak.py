@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections import deque
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 import redis
-from rich.console import Console
 
-from bench import inproc, report
+from bench import inproc, report, session
 from bench.config import AppSettings
-from bench.processes import BenchError, celery_worker_pid, child_env, memory_kib, running, spawn, stop, stop_all
-from bench.redis_server import private_redis
+from bench.processes import BenchError, celery_worker_pid, child_env, memory_kib, running, spawn, stop
 from bench.runner import count_error_lines
 from bench.stats import slope
 
@@ -223,10 +219,6 @@ def summarize(result: dict[str, Any], reference: int) -> dict[str, Any]:
     }
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="tasks in all (default 1,000,000)")
@@ -244,27 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.feeder is not None:
         feed(args.n, args.feeders, args.feeder)
         return 0
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    # Ctrl-C raises KeyboardInterrupt even when started in the background (`&` starts it with SIGINT ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console = session.console()
     out: Path = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with private_redis(out / "redis") as url:
-            console.print(f"private redis-server at {url}; worker log in {out / 'logs'}")
-            logs = out / "logs"
-            soak = Soak(n=args.n, feeders=args.feeders, sample_every=args.sample_every, url=url, python=args.python,
-                        logs=logs)
-            result = soak.run()
-    except BenchError as exc:
-        console.print(f"[red]soak failed:[/] {exc}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: stopping the worker and the redis-server")
-        return 130
-    finally:
-        stop_all()
+
+    def measure(url: str) -> dict[str, Any]:
+        soak = Soak(n=args.n, feeders=args.feeders, sample_every=args.sample_every, url=url, python=args.python,
+                    logs=out / "logs")
+        return soak.run()
+
+    measured, code = session.on_private_redis("soak", out, console, measure)
+    if measured is None:
+        return code
+    result = measured
     result["summary"] = summarize(result, reference=min(100_000, max(args.n // 10, 1)))
     report.print_soak(result, console)
     path = out / ("soak-quick.json" if args.quick else "soak.json")
