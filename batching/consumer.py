@@ -24,19 +24,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 
 from .keeper import Keeper
-from .limits import TimeLimits, Watchdog
-from .merge import execute
 from .metrics import Metrics
 from .outage import REDIS_ERRORS, RETRY_MIN_S, Outage, next_backoff
-from .results import Outcome
+from .runner import ModelRunner
 from .store import QueueStore
 from .triage import Batch, Rules, triage
 
@@ -55,14 +51,6 @@ TOPUP_MIN_S, TOPUP_MAX_S = 0.002, 0.02
 #: Batches that may wait for the keeper thread (results to store) before the model thread waits for it.
 MAX_UNSETTLED = 2
 _STOP: Any = object()
-
-
-@dataclass
-class _Running:
-    """The batch on the model thread; the hard time limit and the model race to settle it, under a lock."""
-
-    batch: Batch
-    settled: bool = False
 
 
 class BatchConsumer:
@@ -103,6 +91,7 @@ class BatchConsumer:
         # then stops claiming, and nothing piles up in memory (an unbounded queue grew without limit under a
         # fast model).
         self._done: queue.Queue[Any] = queue.Queue(maxsize=MAX_UNSETTLED)
+        self.runner = ModelRunner(task, self._done.put, metrics)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -153,7 +142,6 @@ class BatchConsumer:
     def _fetch_loop(self) -> None:
         backoff = RETRY_MIN_S
         while not self._stopping.is_set():
-            batch: Batch | None = None
             try:
                 batch = self.collect()
                 if batch is not None:
@@ -167,8 +155,6 @@ class BatchConsumer:
                 logger.exception("batching %s: unexpected error while claiming; continuing", self.task.name)
             else:
                 continue
-            if batch is not None:
-                self._untrack(batch)  # its lease runs out and any consumer re-queues it
             self._stopping.wait(backoff)
             backoff = next_backoff(backoff)
         with self._slot_changed:
@@ -180,9 +166,24 @@ class BatchConsumer:
     def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
         """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
         store = self._require_store()
-        policy = self.config.policy
         batch = Batch(store.new_claim())
         self._track(batch)
+        try:
+            return self._collect_into(batch, idle_timeout_s)
+        except BaseException:
+            self._abandon_claim(batch)
+            raise
+
+    def _abandon_claim(self, batch: Batch) -> None:
+        """Drop a batch whose claim may hold messages we never saw: a claim call whose reply was lost may have
+        moved messages into it. Nothing of it is run or finished here; its lease, no longer extended, runs out
+        and any consumer puts the whole claim, unseen messages included, back at the front of the queue.
+        """
+        self._untrack(batch)
+
+    def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
+        store = self._require_store()
+        policy = self.config.policy
         oldest: float | None = None
         idle_until = time.monotonic() + idle_timeout_s
         while True:
@@ -229,7 +230,13 @@ class BatchConsumer:
                 if self._stopping.is_set():
                     return  # the fetch loop gives the slot's batch back
                 # Topping up holds the lock for one claim round trip: the model thread may wait that long.
-                poll = TOPUP_MIN_S if self._top_up(batch) else min(poll * 2, TOPUP_MAX_S)
+                try:
+                    taken = self._top_up(batch)
+                except BaseException:
+                    self._slot = None  # never run a batch whose claim may hold messages we did not see
+                    self._abandon_claim(batch)
+                    raise
+                poll = TOPUP_MIN_S if taken else min(poll * 2, TOPUP_MAX_S)
                 self._slot_changed.wait(poll)
 
     def _release(self, batch: Batch) -> None:
@@ -260,52 +267,7 @@ class BatchConsumer:
 
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
-        running = _Running(batch)
-        batch.started_at = time.time()
-        limits = TimeLimits.for_batch(self.task, [c.timelimit for c in batch.contexts])
-        results: list[Any] | None = None
-        try:
-            with Watchdog(limits, lambda: self._abandon(running, limits)):
-                results = self._call_model(batch)
-        except SoftTimeLimitExceeded as exc:  # the soft limit fired as the call returned
-            if results is None:
-                results = [exc] * len(batch.runnable)
-        if self.metrics is not None:
-            self.metrics.batch_ran(self.task.name, len(batch.runnable), time.time() - batch.started_at)
-        with self._lock:
-            if running.settled:
-                logger.warning("batching %s: an abandoned run_batch call returned after its hard time limit; "
-                               "its results were discarded", self.task.name)
-                return
-            running.settled = True
-        for request, context, result in zip(batch.runnable, batch.contexts, results, strict=True):
-            batch.settled.append(Outcome.of(request.id, result, context))
-        self._done.put(batch)
-
-    def _call_model(self, batch: Batch) -> list[Any]:
-        try:
-            run_batch = self.config.run_batch()
-        except Exception as exc:  # a model that cannot load fails this batch; the next batch tries again
-            logger.exception("batching %s: building the model failed", self.task.name)
-            return [exc] * len(batch.runnable)
-        return execute(
-            self.config.spec, run_batch, [(r.args, r.kwargs) for r in batch.runnable],
-            isolate=self.config.isolate_errors,
-        )
-
-    def _abandon(self, running: _Running, limits: TimeLimits) -> None:
-        """Hard time limit (timer thread): fail the batch now; the model's late answer is dropped."""
-        with self._lock:
-            if running.settled:
-                return
-            running.settled = True
-        batch = running.batch
-        logger.error("batching %s: run_batch exceeded its hard time limit of %ss on a batch of %d; failing it, "
-                     "no further batch starts until the call returns", self.task.name, limits.hard, len(batch.runnable))
-        for request, context in zip(batch.runnable, batch.contexts, strict=True):
-            error = TimeLimitExceeded(f"run_batch exceeded the hard time limit ({limits.hard}s)")
-            batch.settled.append(Outcome.failure(request.id, error, context))
-        self._done.put(batch)
+        self.runner.run(batch)
 
     # -- keeper thread -----------------------------------------------------------------------------------------
 
@@ -373,10 +335,6 @@ class BatchConsumer:
                 self.run(batch)
             else:
                 self._done.put(batch)
-            while True:
-                try:
-                    item = self._done.get_nowait()
-                except queue.Empty:
-                    break
-                self._settle(item)
+            while not self._done.empty():
+                self._settle(self._done.get_nowait())
         return total
