@@ -1,6 +1,13 @@
-"""Dynamic batching for Celery tasks that call a model."""
+"""Dynamic batching for Celery tasks that call a model.
+
+Define a task with ``@batched(app, ...)``; call it like any Celery task; ``celery -A app worker`` runs its calls in
+batches. Everything a user calls is importable from here; the submodules are the implementation.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from .batcher import Batcher
+from .client import gather, submit_many
 from .errors import (
     BatcherStopped,
     BatchingError,
@@ -13,10 +20,20 @@ from .errors import (
     ResultEncodeError,
     UnexpectedArgumentError,
 )
+from .ops.deadletters import DeadLetter, list_dead, purge_dead, requeue_dead
+from .ops.status import queue_status
+from .settings import BatchSettings
+from .store.snapshot import QueueStatus
 from .task import BatchedTask, batched
+
+try:
+    __version__ = version("celery-batching")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BatchResultError",
+    "BatchSettings",
     "BatchedTask",
     "Batcher",
     "BatcherStopped",
@@ -24,10 +41,18 @@ __all__ = [
     "BrokerError",
     "ConfigurationError",
     "ContentDisallowed",
+    "DeadLetter",
     "MessageError",
     "MissingArgumentError",
+    "QueueStatus",
     "ResultEncodeError",
     "UnexpectedArgumentError",
+    "__version__",
     "batched",
+    "gather",
+    "list_dead",
+    "purge_dead",
+    "queue_status",
+    "requeue_dead",
+    "submit_many",
 ]
-__version__ = "0.1.0"

@@ -76,6 +76,12 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
         return Undecodable(MessageError(f"undecodable message: {type(exc).__name__}: {exc}"), task_id, task)
 
 
+def task_id_of(raw: bytes, accept: Collection[str] | None) -> str | None:
+    """The task id of a raw message, if it can be read that far."""
+    item = decode(raw, accept)
+    return item.id if isinstance(item, Request) else item.task_id
+
+
 def _payload(
     envelope: Mapping[str, Any], headers: Mapping[str, Any], properties: Mapping[str, Any], accept: Any
 ) -> Any:

@@ -44,16 +44,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_redis(timeout_s: float = 10.0) -> Iterator[str]:
-    """Start ``redis-server`` on a free port and yield its ``redis://127.0.0.1:<port>/0`` URL."""
+def private_redis(timeout_s: float = 10.0, workdir: Path | None = None) -> Iterator[str]:
+    """Start ``redis-server`` on a free port and yield its ``redis://127.0.0.1:<port>/0`` URL.
+
+    Its log goes to ``workdir`` (kept afterwards) when given, else to a temporary directory removed with it.
+    """
     binary = find_redis_server()
-    with tempfile.TemporaryDirectory(prefix="batching-redis-") as workdir:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="batching-redis-")))
+        workdir.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # another process may grab the free port between probe and bind
             port = free_port()
             log = Path(workdir, f"redis-{port}.log")
             proc = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", workdir, "--logfile", str(log)],
+                 "--dir", str(workdir), "--logfile", str(log)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

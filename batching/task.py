@@ -1,14 +1,17 @@
-"""``@batched``: a Celery task whose calls are single requests and whose worker side runs them in batches."""
+"""``@batched``: a Celery task whose calls are single requests and whose worker side runs them in batches.
+
+This is the client side: defining or calling a batched task imports nothing of the worker. The worker side is
+registered by name (``WORKER_STEP``) and imported by ``celery worker`` alone, when it builds its blueprint.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-import threading
 import time
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
@@ -16,49 +19,25 @@ from celery.result import AsyncResult
 
 from .errors import ConfigurationError
 from .merge import CallSpec, execute
+from .model import ModelHandle
 from .policy import FlushPolicy
+from .settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_DELAY_S,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    BatchSettings,
+    RetryPolicy,
+    check_task_options,
+)
 
-#: Default seconds a claim outlives its consumer's last heartbeat (sent every lease/4): a dead consumer's batch
-#: is back in its queue within about 1.25 times this.
-DEFAULT_LEASE_S = 20.0
-#: Default deliveries that may end without a result (the consumer died) before a message is dead-lettered.
-DEFAULT_MAX_DELIVERIES = 3
-#: Default largest message, in bytes, that is decoded at all; larger ones fail unread.
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class BatchConfig:
-    """Everything the batching consumer needs to know about one batched task."""
-
-    spec: CallSpec
-    policy: FlushPolicy
-    queue: str
-    #: Builds the object whose ``run_batch`` serves the batches; ``None`` for the function form.
-    model_factory: Callable[[], Any] | None = None
-    batch_fn: Callable[..., Any] | None = None
-    lease_s: float = DEFAULT_LEASE_S
-    max_deliveries: int = DEFAULT_MAX_DELIVERIES
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    #: Bisect a batch whose run_batch raised, so only the requests that cause the error fail.
-    isolate_errors: bool = True
-    _model: Any = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def run_batch(self) -> Callable[..., Any]:
-        """The batch callable; the model is built on first use, once per process, never in a client."""
-        if self.batch_fn is not None:
-            return self.batch_fn
-        with self._lock:
-            if self._model is None:
-                assert self.model_factory is not None
-                self._model = self.model_factory()
-            run: Callable[..., Any] = self._model.run_batch
-            return run
+#: The worker bootstep, by dotted name: Celery resolves it when a worker starts, so clients never import it.
+WORKER_STEP = "batching.worker.bootstep:BatchingStep"
 
 
 class BatchedTask(Task):
-    """A Celery task whose messages go to their own queue and are executed in batches by ``BatchConsumer``.
+    """A Celery task whose messages go to their own queue and are executed in batches by the batching consumer.
 
     Clients use it like any task (``delay``, ``apply_async``, ``s()``, ``send_task`` by name); arguments are
     checked against the per-request signature and bound to names at call time, so a bad call fails in the
@@ -66,7 +45,9 @@ class BatchedTask(Task):
     ``apply()``/``task_always_eager``, runs a batch of one in-process.
     """
 
-    batching: BatchConfig
+    #: Set by ``batched`` on each task class.
+    batching: BatchSettings
+    batching_model: ModelHandle
     typing = False  # our own binding below replaces Celery's check, and gives clearer messages
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> AsyncResult:
@@ -76,16 +57,27 @@ class BatchedTask(Task):
         return super().apply_async((), bound, *rest, **options)
 
     def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:
-        """Enqueue many requests in one round trip per thousand; see ``batching.client.submit_many``."""
+        """Enqueue many requests in one round trip per thousand; see ``batching.submit_many``."""
         from .client import submit_many
 
         return submit_many(self, calls, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        (outcome,) = execute(self.batching.spec, self.batching.run_batch(), [(args, kwargs)])
+        (outcome,) = execute(self.batching.spec, self.batching_model.run_batch(), [(args, kwargs)])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def worker_settings(self) -> BatchSettings:
+        """The settings with the Celery options the consumer acts on, as this task resolves them (app defaults
+        included): read when a worker starts, after the app is configured."""
+        return dataclasses.replace(
+            self.batching,
+            ignore_result=bool(self.ignore_result),
+            time_limit=self.time_limit,
+            soft_time_limit=self.soft_time_limit,
+            retry=RetryPolicy.from_task(self),
+        )
 
 
 def batched(
@@ -94,8 +86,8 @@ def batched(
     *,
     model: Callable[[], Any] | None = None,
     name: str | None = None,
-    batch_size: int = 32,
-    max_delay: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_delay: float = DEFAULT_MAX_DELAY_S,
     queue: str | None = None,
     lease_s: float = DEFAULT_LEASE_S,
     max_deliveries: int = DEFAULT_MAX_DELIVERIES,
@@ -118,43 +110,38 @@ def batched(
     after the last heartbeat. ``max_deliveries``: deliveries that end in a consumer crash before a message is
     dead-lettered. ``max_message_bytes``: larger messages fail without being decoded. ``isolate_errors``: when
     ``run_batch`` raises, bisect the batch so only the culprit requests fail (False: the whole batch fails).
-    Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...).
+    Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
+    an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
+    check_task_options(task_options)
+    own: dict[str, Any] = dict(
+        name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
+        max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
+    )
     if fn is None and model is None:
-        return functools.partial(
-            batched, app, name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
-            max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
-            **task_options,
-        )
+        return functools.partial(batched, app, **own, **task_options)
     if fn is not None and model is not None:
         raise ConfigurationError("pass either a batch function or model=, not both")
-    policy = FlushPolicy(batch_size, float(max_delay))
-    if not isinstance(lease_s, (int, float)) or lease_s <= 0:
-        raise ConfigurationError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
-    if not isinstance(max_deliveries, int) or max_deliveries < 1:
-        raise ConfigurationError(f"max_deliveries must be an integer >= 1, got {max_deliveries!r}")
-    if not isinstance(max_message_bytes, int) or max_message_bytes < 1:
-        raise ConfigurationError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
     if fn is not None:
         spec = CallSpec.from_callable(fn)
         task_name = name or app.gen_task_name(fn.__name__, fn.__module__)
-        body, doc = fn, fn.__doc__
+        body, doc, handle = fn, fn.__doc__, ModelHandle(fn=fn)
     else:
         assert model is not None
         model_class = _model_class(model)
         spec = CallSpec.from_callable(functools.partial(model_class.run, None))
         task_name = name or app.gen_task_name(model_class.__name__, model_class.__module__)
-        body, doc = _per_request_stub(model_class), model_class.__doc__
-    config = BatchConfig(
-        spec=spec, policy=policy, queue=queue or f"batching.{task_name}", model_factory=model,
-        batch_fn=fn, lease_s=float(lease_s), max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
+        body, doc, handle = _per_request_stub(model_class), model_class.__doc__, ModelHandle(factory=model)
+    settings = BatchSettings(
+        name=task_name, queue=queue or f"batching.{task_name}", spec=spec,
+        policy=FlushPolicy(batch_size, max_delay),
+        lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
         isolate_errors=isolate_errors,
     )
-    from .bootstep import install  # the worker side is wired when the first batched task is defined
-
-    install(app)
+    app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     return app.task(
-        body, name=task_name, base=BatchedTask, batching=config, queue=config.queue, __doc__=doc, **task_options
+        body, name=task_name, base=BatchedTask, batching=settings, batching_model=handle, queue=settings.queue,
+        __doc__=doc, **task_options,
     )
 
 
@@ -188,3 +175,8 @@ def _per_request_stub(model_class: Any) -> Callable[..., Any]:
     run.__name__ = model_class.__name__
     run.__module__ = model_class.__module__
     return run
+
+
+def batched_tasks(app: Celery) -> list[BatchedTask]:
+    """The app's batched tasks, by name."""
+    return sorted((t for t in app.tasks.values() if isinstance(t, BatchedTask)), key=lambda t: t.name)

@@ -11,8 +11,9 @@ from typing import TypeVar
 
 from rich.console import Console
 
+from batching.errors import BatchingError
+from batching.redis_server import private_redis
 from bench.processes import BenchError, stop_all
-from bench.redis_server import private_redis
 
 T = TypeVar("T")
 
@@ -36,10 +37,10 @@ def on_private_redis(what: str, out: Path, con: Console, body: Callable[[str], T
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with private_redis(out / "redis") as url:
+        with private_redis(workdir=out / "redis") as url:
             con.print(f"private redis-server at {url}; logs in {out / 'logs'}")
             return body(url), 0
-    except BenchError as exc:
+    except (BenchError, BatchingError) as exc:
         con.print(f"[red]{what} failed:[/] {exc}", highlight=False)
         return None, 1
     except KeyboardInterrupt:

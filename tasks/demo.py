@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from batching.keys import QueueKeys
+from batching import gather, queue_status
 from batching.redis_server import private_redis, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,12 +90,10 @@ def _worker(url: str, pool: str) -> Iterator[None]:
 
 
 def _run(n: int, timeout: float, clients: int) -> int:
-    from batching.client import gather
     from tasks import app, predict
 
     backend: Any = app.backend
-    stats_key = QueueKeys(predict.batching.queue).stats
-    before = _sizes(backend.client.hgetall(stats_key))
+    before = queue_status(predict).batch_sizes
     words = ["great", "awful", "love", "slow", "fast", "terrible", "nice", "broken", "happy", "sad"]
     sent = [0.0] * n
     ids = [""] * n
@@ -122,17 +120,13 @@ def _run(n: int, timeout: float, clients: int) -> int:
     metas = [backend.decode_result(m) for m in backend.client.mget([backend.get_key_for_task(i) for i in ids])]
     latencies = sorted(datetime.fromisoformat(m["date_done"]).timestamp() - t for m, t in zip(metas, sent, strict=True))
     last_done = max(datetime.fromisoformat(m["date_done"]).timestamp() for m in metas)
-    after = _sizes(backend.client.hgetall(stats_key))
+    after = queue_status(predict).batch_sizes
     ran = {size: after.get(size, 0) - before.get(size, 0) for size in after}
     _report(n, values, latencies, last_done - min(sent), {k: v for k, v in ran.items() if v})
     # Pending AsyncResults unsubscribe through Redis when collected: let that happen while it is still up.
     del results
     gc.collect()
     return 0
-
-
-def _sizes(stats: dict[bytes, bytes]) -> dict[int, int]:
-    return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
 
 
 def _pct(sorted_values: list[float], q: float) -> float:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from batching.redis_server import private_redis
+from batching.store.queue import Finish, QueueStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,3 +101,10 @@ def shop_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     worker.ready()
     yield worker
     worker.stop()
+
+
+def bury(store: QueueStore, reason: str, raw: bytes) -> None:
+    """Dead-letter ``raw`` with ``reason`` the way a consumer does: by finishing a claim of its own with it."""
+    claim = store.new_claim()
+    store.client.zadd(store.keys.claims, {claim.claim_id: time.time() + 60})
+    assert store.finish(claim, Finish(dead=[(reason, raw)]))

@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import redis
 
-from batching.consumer import BatchConsumer
-from batching.keys import QueueKeys
 from batching.redis_server import free_port
-from batching.status import status_of
-from batching.store import QueueStore, dead_letter
+from batching.store.keys import QueueKeys
+from batching.store.queue import QueueStore
+from batching.store.snapshot import status_of
+from batching.worker.consumer import BatchConsumer
+from tests.conftest import bury
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ def status() -> dict[str, dict[str, Any]]:
 
 def drain(task: Any) -> int:
     """Serve the task's queue in this process until it is empty; returns messages claimed."""
-    consumer = BatchConsumer(task)
+    consumer = BatchConsumer.for_task(task)
     try:
         return consumer.drain()
     finally:
@@ -87,7 +88,7 @@ def test_status_counts_queued_messages_per_task_without_a_worker(cliapp: ModuleT
 
 
 def test_status_reads_claims_consumers_stats_and_message_age(cliapp: ModuleType, rclient: redis.Redis) -> None:
-    store, connection = QueueStore.open(cliapp.score)
+    store, connection = QueueStore.open(cliapp.app, cliapp.score.batching)
     try:
         now = time.time()
         old = {"body": "", "headers": {"id": "a", "task": cliapp.score.name, "sent_at": now - 90}}
@@ -116,7 +117,7 @@ def test_dead_letters_are_listed_requeued_and_purged(cliapp: ModuleType, rclient
     # A message whose task id is readable, dead-lettered the way too many unfinished deliveries do it.
     real = cliapp.embed.delay(text="hello")
     raw = rclient.rpop(keys.main)
-    rclient.lpush(keys.dead, dead_letter(keys.queue, "dead-lettered after 3 deliveries", raw))
+    bury(QueueStore(rclient, keys), "dead-lettered after 3 deliveries", raw)
 
     (page,) = json.loads(ok("dead-letters", "list", "-A", APP, "--task", "embed", "--json"))["tasks"]
     assert page["total"] == 2

@@ -28,11 +28,10 @@ from celery import Celery, states
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batching import batched
-from batching.consumer import BatchConsumer
-from batching.deadletters import DeadLetter
+from batching import DeadLetter, batched
 from batching.errors import ContentDisallowed, MessageError, MissingArgumentError, UnexpectedArgumentError
-from batching.store import QueueStore
+from batching.store.queue import QueueStore
+from batching.worker.consumer import BatchConsumer
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +86,7 @@ def fuzz(redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: pyte
     app.conf.update(result_expires=600)
     task = batched(app, scale, name=f"fuzz.scale_{uuid.uuid4().hex[:8]}", batch_size=BATCH_SIZE,
                    max_message_bytes=LIMIT)
-    store, connection = QueueStore.open(task)
+    store, connection = QueueStore.open(task.app, task.batching)
     # One real envelope, taken off the queue before any consumer sees it, to derive malformed ones from.
     task.delay(x=0)
     raw = store.client.rpop(store.keys.main)
@@ -99,7 +98,7 @@ def fuzz(redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: pyte
     pickle.loads(pickle.dumps(Trap(armed)))  # the trap works: loading it does create the directory
     assert armed.exists()
 
-    totals, consumer = Totals(), BatchConsumer(task)
+    totals, consumer = Totals(), BatchConsumer.for_task(task)
     yield Fuzz(app, task, store, consumer, template, trap_dir / "unpickled", totals)
     consumer.stop(timeout=5)  # no threads were started: this releases its broker connection
     connection.release()

@@ -15,9 +15,8 @@ from celery import states
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.result import ResultSet
 
-from batching.client import gather
-from batching.keys import QueueKeys
-from batching.store import dead_letter  # noqa: F401  (the entry format the recovery script mirrors)
+from batching import gather
+from batching.store.keys import QueueKeys
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,11 @@ import pytest
 import redis
 from celery import Celery, states
 
-from batching import batched
-from batching.consumer import BatchConsumer
-from batching.deadletters import DeadLetter, list_dead, purge_dead, requeue_dead
-from batching.keys import QueueKeys
-from batching.store import Claim, Finish, QueueStore, dead_letter
+from batching import DeadLetter, batched, list_dead, purge_dead, requeue_dead
+from batching.store.keys import QueueKeys
+from batching.store.queue import Claim, Finish, QueueStore
+from batching.worker.consumer import BatchConsumer
+from tests.conftest import bury
 
 pytestmark = pytest.mark.integration
 
@@ -491,9 +491,10 @@ def test_heartbeat_extends_only_claims_that_still_exist(store: QueueStore) -> No
 
 
 def test_dead_letter_entries_keep_any_bytes(store: QueueStore) -> None:
-    entry = dead_letter("q", "bad", NASTY)
-    assert json.loads(entry)["reason"] == "bad"
-    assert DeadLetter.parse(entry.encode()).raw == NASTY
+    bury(store, "bad", NASTY)
+    (entry,) = store.dead_letters()
+    assert json.loads(entry.decode("utf-8", "surrogateescape"))["reason"] == "bad"
+    assert DeadLetter.parse(entry).raw == NASTY
 
 
 @pytest.mark.parametrize("entry", [b"not json", b"[1, 2]", b'{"raw": 5}', b"{}", b'{"raw": "\\ud800"}', b"\xff"])
@@ -568,12 +569,12 @@ def batched_double(app: Celery, **options: Any) -> Any:
 def test_deadletters_helpers_list_requeue_and_purge(app: Celery) -> None:
     task = batched_double(app, max_deliveries=1, lease_s=LEASE_S)
     result = task.delay(x=21)
-    store, connection = QueueStore.open(task)
+    store, connection = QueueStore.open(task.app, task.batching)
     try:
         c = claim(store, 10)
         expire(store, c)
         assert store.recover() == (0, c.raws)
-        store.client.lpush(store.keys.dead, dead_letter(store.keys.queue, "garbage", NASTY))
+        bury(store, "garbage", NASTY)
 
         garbage, crashed = list_dead(task)
         assert (garbage.reason, garbage.raw, garbage.task_id) == ("garbage", NASTY, None)
@@ -586,7 +587,7 @@ def test_deadletters_helpers_list_requeue_and_purge(app: Celery) -> None:
         assert requeue_dead(task, [crashed]) == 1
         assert requeue_dead(task, [crashed]) == 0
         assert [d.raw for d in list_dead(task)] == [NASTY]
-        assert BatchConsumer(task).drain() == 1
+        assert BatchConsumer.for_task(task).drain() == 1
         assert result.get(timeout=10) == 42
         assert result.state == states.SUCCESS
 
@@ -599,7 +600,7 @@ def test_deadletters_helpers_list_requeue_and_purge(app: Celery) -> None:
 
 def test_requeue_dead_without_a_selection_moves_them_all(app: Celery) -> None:
     task = batched_double(app)
-    store, connection = QueueStore.open(task)
+    store, connection = QueueStore.open(task.app, task.batching)
     try:
         publish(store, b"a", b"b")
         store.finish(claim(store, 10), Finish(dead=[("r", b"a"), ("r", b"b")]))
@@ -616,7 +617,7 @@ def test_global_keyprefix_keys_are_prefixed_and_delay_lands_where_the_store_clai
     prefix = f"pfx-{uuid.uuid4().hex[:6]}:"
     app.conf.broker_transport_options = {"global_keyprefix": prefix}
     task = batched_double(app)
-    store, connection = QueueStore.open(task)
+    store, connection = QueueStore.open(task.app, task.batching)
     try:
         queue = task.batching.queue
         assert store.keys.prefix == prefix

@@ -14,7 +14,7 @@ from celery import group, states
 from celery.result import AsyncResult, ResultSet
 
 from batching.errors import BatchResultError, MissingArgumentError, UnexpectedArgumentError
-from batching.keys import QueueKeys
+from batching.store.keys import QueueKeys
 
 pytestmark = pytest.mark.integration
 

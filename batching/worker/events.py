@@ -15,7 +15,7 @@ from typing import Any
 from celery import states
 from celery.utils.saferepr import saferepr
 
-from .results import Outcome
+from .batch import Outcome
 
 logger = logging.getLogger(__name__)
 

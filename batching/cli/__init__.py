@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import cli_dead
-from .cli_common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
+from . import dead as cli_dead
+from .common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
 
 DESCRIPTION = "Inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark."
 EPILOG = """\
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import queue_status
+    from ..ops.status import queue_status
 
     tasks, url = open_app(args.app)
     now = time.time()
@@ -119,29 +119,32 @@ def _spinner(text: str, *, enabled: bool) -> Iterator[None]:
 
 
 def run_demo(argv: list[str]) -> int:
-    try:
-        from tasks import demo
-    except ImportError as exc:
-        print(f"batching: the demo cannot be imported ({exc}); it needs the example extra: "
-              "pip install 'celery-batching[example]'", file=sys.stderr)
-        return EXIT_USAGE
-    return int(demo.main(argv) or 0)
+    return _run_from_checkout("tasks.demo", "the demo (it serves the example app in tasks/)", argv)
 
 
 def run_bench(argv: list[str]) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__main__.py").is_file():
-        print(f"batching: the benchmark runs from a source checkout: there is no bench/ package beside this "
-              f"installation of batching ({root}). Clone the repository, `pip install -e .` there and run "
-              "`batching bench` (or `python -m bench`) from it.", file=sys.stderr)
+    return _run_from_checkout("bench", "the benchmark", argv)
+
+
+def _run_from_checkout(module: str, what: str, argv: list[str]) -> int:
+    """``python -m module`` from the source checkout this ``batching`` is installed from (``pip install -e``).
+
+    The example app and the benchmark are not installed with the library: a top-level ``tasks`` package would
+    shadow the user's own ``tasks`` module, Celery's conventional name.
+    """
+    root = Path(__file__).resolve().parents[2]
+    package = module.split(".")[0]
+    if not (root / package).is_dir():
+        print(f"batching: {what} runs from a source checkout: there is no {package}/ beside this installation of "
+              f"batching ({root}). Clone the repository, `pip install -e '.[example]'` there and run "
+              f"`python -m {module}` from it.", file=sys.stderr)
         return EXIT_USAGE
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    # exec rather than a child process: Ctrl-C and SIGTERM reach the benchmark, which stops its own children.
-    os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], {**os.environ, "PYTHONPATH": path})
+    # exec rather than a child process: Ctrl-C and SIGTERM reach it, and it stops its own children.
+    os.chdir(root)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], {**os.environ, "PYTHONPATH": path})
 
 
 PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"demo": run_demo, "bench": run_bench}
 
 
-if __name__ == "__main__":
-    sys.exit(main())

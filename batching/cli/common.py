@@ -11,8 +11,10 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from rich.console import Console
 
-from .errors import BrokerError
-from .outage import REDIS_ERRORS
+from ..errors import BrokerError
+from ..store.outage import REDIS_ERRORS
+from ..store.queue import require_redis
+from ..task import batched_tasks
 
 #: Exit codes (0 is success).
 EXIT_NOTHING, EXIT_USAGE, EXIT_REDIS = 1, 2, 3
@@ -83,8 +85,6 @@ def load_app(spec: str) -> Celery:
 
 def batched_tasks_of(app: Celery, spec: str, name: str | None = None) -> list[Any]:
     """The app's batched tasks; with ``name``, the one task of that name (or that last dotted part)."""
-    from .bootstep import batched_tasks
-
     tasks = batched_tasks(app)
     if not tasks:
         raise CliError(f"app {spec!r} has no batched tasks (none of its tasks was made with @batched)", EXIT_NOTHING)
@@ -103,9 +103,10 @@ def broker_url(app: Celery) -> str:
     connection = app.connection_for_read()
     try:
         url: str = connection.as_uri()  # masks the password
-        driver = connection.transport.driver_type
-        if driver != "redis":
-            raise CliError(f"batched tasks need a Redis broker; this app's broker is {driver!r} ({url})", EXIT_USAGE)
+        try:
+            require_redis(connection, "batched tasks")
+        except BrokerError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from exc
         try:
             # Fail fast: the transport's own default retries for several seconds before giving up.
             connection.ensure_connection(max_retries=1, interval_start=0.2)

@@ -1,4 +1,4 @@
-"""``batching dead-letters list|requeue|purge``: the operator's side of ``batching.deadletters``."""
+"""``batching dead-letters list|requeue|purge``: the operator's side of ``batching.ops.deadletters``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import time
 from typing import Any
 
-from .cli_common import EXIT_NOTHING, EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
-from .deadletters import DeadLetter, purge_dead, requeue_dead
-from .store import QueueStore
+from ..ops.deadletters import DeadLetter, purge_dead, requeue_dead
+from ..store.queue import QueueStore
+from .common import EXIT_NOTHING, EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
 
 #: Dead letters re-queued per connection (one script call each), between progress updates.
 REQUEUE_CHUNK = 200
@@ -67,7 +67,7 @@ def _positive(text: str) -> int:
 
 def _read_dead(task: Any, limit: int | None = None) -> tuple[list[DeadLetter], int]:
     """The newest ``limit`` (default: all) dead letters of the task, and how many there are in all."""
-    store, connection = QueueStore.open(task)
+    store, connection = QueueStore.open(task.app, task.batching)
     try:
         total = int(store.client.llen(store.keys.dead))
         entries = store.dead_letters(0, -1 if limit is None else limit - 1)

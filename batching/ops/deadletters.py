@@ -6,7 +6,7 @@ for it), or when it was delivered ``max_deliveries`` times and every consumer th
 
 From Python::
 
-    from batching.deadletters import list_dead, requeue_dead, purge_dead
+    from batching import list_dead, requeue_dead, purge_dead
     for letter in list_dead(predict):
         print(letter.reason)
     requeue_dead(predict)          # all of them back into the queue, as new messages
@@ -15,14 +15,12 @@ From Python::
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import Request, decode
-from .errors import MessageError
-from .results import Outcome
-from .store import QueueStore
+from ..codec import task_id_of
+from ..store.queue import QueueStore
 
 
 @dataclass(frozen=True)
@@ -60,26 +58,11 @@ class DeadLetter:
     @property
     def task_id(self) -> str | None:
         """The task id, if the message can be read that far (JSON only: a dead letter is never unpickled)."""
-        item = decode(self.raw, {"application/json"})
-        return item.id if isinstance(item, Request) else item.task_id
-
-
-def failures_for(raws: Iterable[bytes], accept: Collection[str], max_deliveries: int) -> list[Outcome]:
-    """FAILURE outcomes for messages dead-lettered after too many unfinished deliveries (when their id is known)."""
-    failures = []
-    for raw in raws:
-        item = decode(raw, accept)
-        task_id = item.id if isinstance(item, Request) else item.task_id
-        if task_id:
-            failures.append(Outcome.failure(task_id, MessageError(
-                f"dead-lettered after {max_deliveries} deliveries that never finished: every consumer that took "
-                "this task died or lost its lease (a crash, an OOM kill or a hang in run_batch)"
-            )))
-    return failures
+        return task_id_of(self.raw, {"application/json"})
 
 
 def _store(task: Any) -> tuple[QueueStore, Any]:
-    return QueueStore.open(task)
+    return QueueStore.open(task.app, task.batching)
 
 
 def list_dead(task: Any, limit: int = 100) -> list[DeadLetter]:

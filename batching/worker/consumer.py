@@ -29,27 +29,23 @@ from typing import TYPE_CHECKING, Any
 from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 
+from ..model import ModelHandle
+from ..settings import BatchSettings
+from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
+from ..store.queue import QueueStore
+from .batch import Batch
+from .events import BatchEvents
 from .keeper import Keeper
-from .metrics import Metrics
-from .outage import REDIS_ERRORS, RETRY_MIN_S, Outage, next_backoff
 from .runner import ModelRunner
-from .store import QueueStore
-from .triage import Batch, Rules, triage
+from .triage import Rules, triage
+from .tunables import FORM_POLL_S, IDLE_POLL_S, MAX_UNSETTLED, TOPUP_MAX_S, TOPUP_MIN_S
 
 if TYPE_CHECKING:
-    from .task import BatchedTask
+    from ..task import BatchedTask
+    from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-#: Longest single blocking read while idle, in seconds: bounds how late a stop request or a message on a
-#: non-default priority list (Redis can block on one list only) is noticed.
-IDLE_POLL_S = 1.0
-#: While a batch forms under ``max_delay``, how often it is topped up from Redis, in seconds.
-FORM_POLL_S = 0.001
-#: While the model is busy, how often the batch in hand is topped up from Redis (doubling while nothing comes).
-TOPUP_MIN_S, TOPUP_MAX_S = 0.002, 0.02
-#: Batches that may wait for the keeper thread (results to store) before the model thread waits for it.
-MAX_UNSETTLED = 2
 _STOP: Any = object()
 
 
@@ -58,29 +54,32 @@ class BatchConsumer:
 
     def __init__(
         self,
-        task: BatchedTask,
+        app: Any,
+        settings: BatchSettings,
+        model: ModelHandle,
         *,
         hostname: str = "",
         events_enabled: Callable[[], bool] = lambda: False,
         metrics: Metrics | None = None,
     ) -> None:
-        self.task = task
-        self.config = task.batching
+        self.app = app
+        self.settings = settings
+        self.name = settings.name
         self.consumer_id = f"{hostname or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.rules = Rules(
-            task_name=task.name,
-            queue=self.config.queue,
+            task_name=settings.name,
+            queue=settings.queue,
             # Content types as kombu's registry checks them ('json' -> 'application/json').
-            accept=prepare_accept_content(task.app.conf.accept_content),
-            max_message_bytes=self.config.max_message_bytes,
+            accept=prepare_accept_content(app.conf.accept_content),
+            max_message_bytes=settings.max_message_bytes,
             hostname=hostname,
-            ignore_result=bool(task.ignore_result),
+            ignore_result=settings.ignore_result,
         )
-        self.outage = Outage(task.name)
+        self.outage = Outage(settings.name)
         self.store: QueueStore | None = None
         self.keeper: Keeper | None = None
         self.metrics = metrics
-        self._events_enabled = events_enabled
+        self.events = BatchEvents(app, hostname, events_enabled)
         self._connection: Any = None
         self._stopping = threading.Event()
         # The next batch waits in this one-place slot for the model thread, which takes it without waking the
@@ -91,19 +90,24 @@ class BatchConsumer:
         # then stops claiming, and nothing piles up in memory (an unbounded queue grew without limit under a
         # fast model).
         self._done: queue.Queue[Any] = queue.Queue(maxsize=MAX_UNSETTLED)
-        self.runner = ModelRunner(task, self._done.put, metrics)
+        self.runner = ModelRunner(settings, model, self._done.put, metrics)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def for_task(cls, task: BatchedTask, **options: Any) -> BatchConsumer:
+        """The consumer of a batched task, with the settings the task resolves in this worker."""
+        return cls(task.app, task.worker_settings(), task.batching_model, **options)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
-        self.store, self._connection = QueueStore.open(self.task)
+        self.store, self._connection = QueueStore.open(self.app, self.settings)
         self.keeper = Keeper(
-            self.task, self.store, self.outage, hostname=self.rules.hostname, events_enabled=self._events_enabled,
-            accept=self.rules.accept, metrics=self.metrics,
+            self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
+            stop=self._stopping, metrics=self.metrics,
         )
         return self.store
 
@@ -112,7 +116,7 @@ class BatchConsumer:
         if self.store is None:
             self.connect()
         for name, target in (("fetch", self._fetch_loop), ("model", self._model_loop), ("keeper", self._keeper_loop)):
-            thread = threading.Thread(target=target, name=f"batching-{name}-{self.task.name}", daemon=True)
+            thread = threading.Thread(target=target, name=f"batching-{name}-{self.name}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -132,7 +136,7 @@ class BatchConsumer:
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             logger.warning("batching %s: still busy at shutdown (%s); its claims will be recovered by lease",
-                           self.task.name, ", ".join(alive))
+                           self.name, ", ".join(alive))
         elif self._connection is not None:
             self._connection.release()
         return not alive
@@ -140,28 +144,21 @@ class BatchConsumer:
     # -- fetch thread ------------------------------------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
-        backoff = RETRY_MIN_S
         while not self._stopping.is_set():
             try:
-                batch = self.collect()
-                if batch is not None:
-                    self._hand_off(batch)
-                self.outage.ok()
-                backoff = RETRY_MIN_S
-            except REDIS_ERRORS as exc:
-                self.outage.failed(exc)
-            except Exception:
-                # A bug of ours must not end the consumer silently: log it, back off, keep serving.
-                logger.exception("batching %s: unexpected error while claiming; continuing", self.task.name)
-            else:
-                continue
-            self._stopping.wait(backoff)
-            backoff = next_backoff(backoff)
+                with_retries(self._fetch_one, self.outage, self._stopping, unexpected="claiming")
+            except Stopped:
+                break
         with self._slot_changed:
             if self._slot is not None:
                 self._release(self._slot)
             self._slot = _STOP
             self._slot_changed.notify_all()
+
+    def _fetch_one(self) -> None:
+        batch = self.collect()
+        if batch is not None:
+            self._hand_off(batch)
 
     def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
         """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
@@ -183,7 +180,7 @@ class BatchConsumer:
 
     def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
         store = self._require_store()
-        policy = self.config.policy
+        policy = self.settings.policy
         oldest: float | None = None
         idle_until = time.monotonic() + idle_timeout_s
         while True:
@@ -207,7 +204,7 @@ class BatchConsumer:
             store.wait(timeout)
 
     def _top_up(self, batch: Batch) -> int:
-        missing = self.config.policy.batch_size - len(batch.claim)
+        missing = self.settings.policy.batch_size - len(batch.claim)
         if missing <= 0:
             return 0
         claim = batch.claim
@@ -219,7 +216,7 @@ class BatchConsumer:
 
     def _hand_off(self, batch: Batch) -> None:
         """Put the batch in the model's slot, and top it up there until the model thread takes it."""
-        if not batch.runnable:
+        if not batch.items:
             self._done.put(batch)  # nothing to run: settle and finish it straight away
             return
         poll = TOPUP_MIN_S
@@ -244,10 +241,10 @@ class BatchConsumer:
         if batch.claim:
             try:
                 requeued = self._require_store().release([batch.claim.claim_id])
-                logger.info("batching %s: gave %d unstarted message(s) back to the queue", self.task.name, requeued)
+                logger.info("batching %s: gave %d unstarted message(s) back to the queue", self.name, requeued)
             except REDIS_ERRORS as exc:
                 logger.warning("batching %s: could not give back %d message(s) (%s); their lease will",
-                               self.task.name, len(batch.claim), exc)
+                               self.name, len(batch.claim), exc)
         self._untrack(batch)
 
     # -- model thread ------------------------------------------------------------------------------------------
@@ -272,7 +269,7 @@ class BatchConsumer:
     # -- keeper thread -----------------------------------------------------------------------------------------
 
     def _keeper_loop(self) -> None:
-        beat_s = self.config.lease_s / 4
+        beat_s = self.settings.lease_s / 4
         next_beat = 0.0
         while True:
             try:
@@ -293,11 +290,14 @@ class BatchConsumer:
     def _settle(self, batch: Batch) -> None:
         try:
             self._require_keeper().settle(batch)
+        except Stopped:
+            logger.warning("batching %s: stopping while Redis is unreachable; the claim of %d message(s) will be "
+                           "recovered by lease", self.name, len(batch.claim))
         except Exception:
             # Never let the keeper die: this batch's claim stays in Redis and its lease (no longer extended)
             # hands it to a consumer again.
             logger.exception("batching %s: settling a batch of %d failed; its claim will be recovered by lease",
-                             self.task.name, len(batch.claim))
+                             self.name, len(batch.claim))
         finally:
             self._untrack(batch)
 
@@ -331,7 +331,7 @@ class BatchConsumer:
             if batch is None:
                 break
             total += len(batch.claim)
-            if batch.runnable:
+            if batch.items:
                 self.run(batch)
             else:
                 self._done.put(batch)

@@ -7,8 +7,8 @@ under ``<prefix>batching:`` so that one ``global_keyprefix`` isolates several ap
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 #: kombu's defaults, used when the transport does not say otherwise.
 DEFAULT_SEP = "\x06\x16"
@@ -40,39 +40,29 @@ class QueueKeys:
         """The default-priority list: where ``.delay()`` without a priority pushes."""
         return f"{self.prefix}{self.queue}"
 
-    def _own(self, kind: str) -> str:
-        return f"{self.prefix}{NAMESPACE}:{kind}:{self.queue}"
+    #: Sorted set: claim id -> lease deadline (unix seconds); a claim past it belongs to a dead consumer.
+    claims: str = field(init=False)
+    #: Sorted set: raw message -> ETA (unix seconds), for countdown/eta tasks not yet due.
+    delayed: str = field(init=False)
+    #: List of dead letters: JSON ``{queue, reason, at, raw[, deliveries]}`` for messages that can never finish.
+    dead: str = field(init=False)
+    #: Hash: sha1 of a raw message -> deliveries that never finished (exists only after a crash).
+    deliveries: str = field(init=False)
+    #: Sorted set: consumer id -> last heartbeat (unix seconds), for status and liveness.
+    consumers: str = field(init=False)
+    #: Hash of counters: ``size:<n>`` batches of n requests run, ``requests`` in all.
+    stats: str = field(init=False)
 
-    @property
-    def claims(self) -> str:
-        """Sorted set: claim id -> lease deadline (unix seconds); a claim past it belongs to a dead consumer."""
-        return self._own("claims")
+    def __post_init__(self) -> None:
+        # Built once: the consumer reads them on every claim.
+        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats"):
+            object.__setattr__(self, kind, f"{self.prefix}{NAMESPACE}:{kind}:{self.queue}")
 
     def claim(self, claim_id: str) -> str:
         """List of ``source list, raw message`` pairs that one consumer took for one batch."""
-        return f"{self._own('claim')}:{claim_id}"
+        return f"{self.prefix}{NAMESPACE}:claim:{self.queue}:{claim_id}"
 
-    @property
-    def delayed(self) -> str:
-        """Sorted set: raw message -> ETA (unix seconds), for countdown/eta tasks not yet due."""
-        return self._own("delayed")
 
-    @property
-    def dead(self) -> str:
-        """List of dead letters: JSON ``{reason, raw}`` for messages that can never become a task."""
-        return self._own("dead")
-
-    @property
-    def deliveries(self) -> str:
-        """Hash: sha1 of a raw message -> deliveries that never finished (exists only after a crash)."""
-        return self._own("deliveries")
-
-    @property
-    def consumers(self) -> str:
-        """Sorted set: consumer id -> last heartbeat (unix seconds), for status and liveness."""
-        return self._own("consumers")
-
-    @property
-    def stats(self) -> str:
-        """Hash of counters: ``size:<n>`` batches of n requests run, ``requests`` in all."""
-        return self._own("stats")
+def batch_sizes(stats: Mapping[bytes, bytes]) -> dict[int, int]:
+    """The batch-size histogram held in a ``stats`` hash (as read with ``HGETALL``): size -> batches run."""
+    return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}

@@ -17,50 +17,52 @@ from typing import Any
 from celery import group, signature, states
 from celery.utils.time import get_exponential_backoff_interval
 
-from .results import Outcome
+from ..settings import RetryPolicy
+from .batch import Outcome
 
 logger = logging.getLogger(__name__)
 
 
-def plan_retries(task: Any, outcomes: Sequence[Outcome]) -> list[tuple[Outcome, float]]:
+def plan_retries(policy: RetryPolicy | None, outcomes: Sequence[Outcome]) -> list[tuple[Outcome, float]]:
     """Turn retryable failures into RETRY outcomes (in place); return them with their countdowns."""
-    retry_for = tuple(getattr(task, "autoretry_for", ()) or ())
-    if not retry_for:
+    if policy is None:
         return []
-    dont = tuple(getattr(task, "dont_autoretry_for", ()) or ())
-    max_retries = task.max_retries
     planned = []
     for outcome in outcomes:
         request = outcome.request
-        if outcome.state != states.FAILURE or request is None or not isinstance(outcome.value, retry_for):
+        if outcome.state != states.FAILURE or request is None or not isinstance(outcome.value, policy.on):
             continue
-        if dont and isinstance(outcome.value, dont):
+        if policy.dont and isinstance(outcome.value, policy.dont):
             continue
-        if max_retries is not None and request.retries >= max_retries:
+        if policy.max_retries is not None and request.retries >= policy.max_retries:
             continue
-        backoff = getattr(task, "retry_backoff", False)  # Celery's defaults, as add_autoretry_behaviour reads them
-        if backoff:
+        if policy.backoff:  # as Celery's add_autoretry_behaviour computes it
             countdown = float(get_exponential_backoff_interval(
-                factor=int(max(1.0, backoff)), retries=request.retries,
-                maximum=getattr(task, "retry_backoff_max", 600), full_jitter=getattr(task, "retry_jitter", True),
+                factor=int(max(1.0, policy.backoff)), retries=request.retries, maximum=int(policy.backoff_max_s),
+                full_jitter=policy.jitter,
             ))
         else:
-            countdown = float(task.default_retry_delay or 0)
+            countdown = policy.delay_s
         outcome.state = states.RETRY
         planned.append((outcome, countdown))
     return planned
 
 
-def send_retries(task: Any, planned: Sequence[tuple[Outcome, float]]) -> None:
-    """Re-send each retried request alone, keeping its id, links, chain and group."""
+def send_retries(app: Any, task_name: str, planned: Sequence[tuple[Outcome, float]]) -> None:
+    """Re-send each retried request alone, keeping its id, links, chain and group.
+
+    Sent by name through a signature, as Celery sends a chain's next step: the task's own options and publish
+    path apply, exactly as for the first send.
+    """
     for outcome, countdown in planned:
         r = outcome.request
-        task.apply_async(
+        assert r is not None  # plan_retries only plans outcomes that have a request
+        signature(task_name, app=app).apply_async(
             r.args, r.kwargs, task_id=r.id, retries=r.retries + 1, countdown=countdown,
             link=r.callbacks, link_error=r.errbacks, chain=r.chain, group_id=r.group, group_index=r.group_index,
             chord=r.chord, root_id=r.root_id, parent_id=r.parent_id,
         )
-        logger.info("batching %s[%s]: retry %d in %.1fs: %r", task.name, r.id, r.retries + 1, countdown, outcome.value)
+        logger.info("batching %s[%s]: retry %d in %.1fs: %r", task_name, r.id, r.retries + 1, countdown, outcome.value)
 
 
 def send_callbacks(app: Any, outcomes: Sequence[Outcome]) -> None:

@@ -8,22 +8,24 @@ consumer's heartbeat keeps pushing forward; once the deadline has passed, any co
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .errors import BrokerError
-from .keys import QueueKeys
+from ..errors import BrokerError
+from .keys import QueueKeys, batch_sizes
+from .lua import script
 
+if TYPE_CHECKING:
+    from ..settings import BatchSettings
 
-def _script(client: redis.Redis, name: str) -> Any:
-    return client.register_script(resources.files(__package__).joinpath("lua", name).read_text())
+#: Why a message handed out ``max_deliveries`` times never finished: its dead-letter reason and its task's error.
+NEVER_FINISHED = ("every consumer that took it died or lost its lease (a crash, an OOM kill or a hang in "
+                  "run_batch)")
 
 
 @dataclass
@@ -58,39 +60,35 @@ class QueueStore:
         self.keys = keys
         self.lease_s = lease_s
         self.max_deliveries = max_deliveries
-        self._claim = _script(client, "claim.lua")
-        self._ack = _script(client, "ack.lua")
-        self._requeue = _script(client, "requeue.lua")
-        self._requeue_dead = _script(client, "requeue_dead.lua")
+        self._claim = script(client, "claim.lua")
+        self._ack = script(client, "ack.lua")
+        self._requeue = script(client, "requeue.lua")
+        self._requeue_dead = script(client, "requeue_dead.lua")
 
     @classmethod
-    def open(cls, task: Any) -> tuple[QueueStore, Any]:
-        """The store of a batched task's queue, on the app's own broker settings, and the kombu connection behind it.
+    def open(cls, app: Any, settings: BatchSettings) -> tuple[QueueStore, Any]:
+        """The store of a batched task's queue on the app's own broker settings, and the kombu connection behind it.
 
         The redis-py client shares kombu's connection pool, so URL, password, ``rediss://`` TLS and Sentinel all
         work as for ``.delay()``; keys follow the transport's ``global_keyprefix``, ``sep`` and
         ``priority_steps``. Raises ``BrokerError`` for a broker that is not Redis or cannot be reached.
         """
-        connection = task.app.connection_for_read()
-        if connection.transport.driver_type != "redis":
-            raise BrokerError(
-                f"batched task {task.name!r} needs a Redis broker; this app's broker is "
-                f"{connection.transport.driver_type!r} ({connection.as_uri()})"
-            )
+        queue = settings.queue
+        connection = app.connection_for_read()
+        require_redis(connection, f"batched task {settings.name!r}")
         try:
             channel = connection.default_channel
         except Exception as exc:
-            raise BrokerError(f"batched task {task.name!r} cannot reach its broker {connection.as_uri()}: {exc}") \
+            raise BrokerError(f"batched task {settings.name!r} cannot reach its broker {connection.as_uri()}: {exc}") \
                 from exc
         keys = QueueKeys(
-            task.batching.queue,
+            queue,
             prefix=channel.global_keyprefix or "",
             sep=channel.sep,
             priority_steps=tuple(channel.priority_steps),
         )
         client = redis.Redis(connection_pool=channel.pool)
-        store = cls(client, keys, lease_s=task.batching.lease_s, max_deliveries=task.batching.max_deliveries)
-        return store, connection
+        return cls(client, keys, lease_s=settings.lease_s, max_deliveries=settings.max_deliveries), connection
 
     def new_claim(self) -> Claim:
         return Claim(uuid.uuid4().hex)
@@ -133,11 +131,11 @@ class QueueStore:
         Returns False if the claim was no longer ours (its lease ran out and it was re-queued meanwhile).
         """
         k = self.keys
-        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed)]
+        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), time.time(), k.queue]
         for eta, raw in outcome.delayed:
             args += [eta, raw]
         for reason, raw in outcome.dead:
-            args.append(dead_letter(k.queue, reason, raw))
+            args += [reason, raw]
         finished = self._ack(
             keys=[k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats, k.deliveries], args=args
         )
@@ -178,7 +176,7 @@ class QueueStore:
         k = self.keys
         reply = self._requeue(
             keys=[k.claims, k.deliveries, k.dead, *(k.claim(c) for c in claim_ids)],
-            args=[mode, time.time(), self.max_deliveries, k.queue, *claim_ids],
+            args=[mode, time.time(), self.max_deliveries, k.queue, NEVER_FINISHED, *claim_ids],
         )
         return int(reply[0]), list(reply[1:])
 
@@ -209,11 +207,11 @@ class QueueStore:
     def batch_sizes(self) -> dict[int, int]:
         """Histogram of batch sizes run so far on this queue (all consumers)."""
         stats: dict[bytes, bytes] = self.client.hgetall(self.keys.stats)  # type: ignore[assignment]
-        return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
+        return batch_sizes(stats)
 
 
-def dead_letter(queue: str, reason: str, raw: bytes) -> str:
-    """A dead-letter entry: JSON that keeps the raw message as text, reversibly whatever bytes it held."""
-    return json.dumps(
-        {"queue": queue, "reason": reason, "at": time.time(), "raw": raw.decode("utf-8", "surrogateescape")}
-    )
+def require_redis(connection: Any, what: str) -> None:
+    """Raise ``BrokerError`` unless the kombu ``connection`` is to Redis: the only broker whose queues we drain."""
+    driver = connection.transport.driver_type
+    if driver != "redis":
+        raise BrokerError(f"{what} needs a Redis broker; this app's broker is {driver!r} ({connection.as_uri()})")

@@ -16,9 +16,12 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+
+if TYPE_CHECKING:
+    from ..settings import BatchSettings
 
 
 def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -35,10 +38,12 @@ class TimeLimits:
     hard: float | None = None
 
     @classmethod
-    def for_batch(cls, task: Any, timelimits: Iterable[Any]) -> TimeLimits:
-        """The tightest of the task's own limits and those each request carried (``apply_async(time_limit=…)``)."""
-        soft = [task.soft_time_limit, task.app.conf.task_soft_time_limit]
-        hard = [task.time_limit, task.app.conf.task_time_limit]
+    def for_batch(cls, settings: BatchSettings, timelimits: Iterable[Any]) -> TimeLimits:
+        """The tightest of the task's own limits and those each request carried (``apply_async(time_limit=…)``).
+
+        The task's limits in ``settings`` already fall back to the app's ``task_(soft_)time_limit``."""
+        soft: list[Any] = [settings.soft_time_limit]
+        hard: list[Any] = [settings.time_limit]
         for limit in timelimits:
             if isinstance(limit, (list, tuple)) and len(limit) == 2:
                 hard.append(limit[0])

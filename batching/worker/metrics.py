@@ -1,16 +1,15 @@
 """Prometheus metrics of the batching consumers, on an opt-in HTTP endpoint of the worker.
 
 Turn it on with the app setting ``batching_metrics_port`` (or the ``BATCHING_METRICS_PORT`` environment variable;
-``batching_metrics_addr`` / ``BATCHING_METRICS_ADDR`` picks the address, default 0.0.0.0). Everything is labelled
-by task. Counters and histograms are updated once per batch by the consumers; queue depth, oldest message age,
-in-flight claims and dead letters are read from Redis when scraped (one snapshot per task, see ``status``), so
-they describe the queue as every worker sees it.
+``batching_metrics_addr`` / ``BATCHING_METRICS_ADDR`` picks the address, default 0.0.0.0; see ``tunables``).
+Everything is labelled by task. Counters and histograms are updated once per batch by the consumers; queue depth,
+oldest message age, in-flight claims and dead letters are read from Redis when scraped (one snapshot per task, see
+``store.snapshot``), so they describe the queue as every worker sees it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -19,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .results import Outcome
-from .status import status_of
+from ..store.snapshot import status_of
+from .batch import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +110,3 @@ class _QueueCollector(Collector):
             families["dead"].add_metric([name], s.dead)
             families["consumers"].add_metric([name], s.consumers)
         yield from families.values()
-
-
-def metrics_port(app: Any) -> tuple[int, str] | None:
-    """The (port, address) to serve metrics on, from the app's settings or the environment; None: off."""
-    port = app.conf.get("batching_metrics_port") or os.environ.get("BATCHING_METRICS_PORT")
-    if not port:
-        return None
-    addr = app.conf.get("batching_metrics_addr") or os.environ.get("BATCHING_METRICS_ADDR") or "0.0.0.0"
-    return int(port), str(addr)

@@ -11,42 +11,18 @@ guarantees that a message is processed by one consumer at a time, so that GET bu
 from __future__ import annotations
 
 import logging
-import traceback as tb
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from celery import states
 from celery.backends.base import Backend
 from celery.backends.redis import RedisBackend
 
-from .errors import ResultEncodeError
+from ..errors import ResultEncodeError
+from ..store.lua import script
+from .batch import Outcome
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """The final state of one task: ``value`` is the result, or the exception for FAILURE/REVOKED."""
-
-    task_id: str
-    state: str
-    value: Any
-    request: Any = None
-    traceback: str | None = None
-
-    @classmethod
-    def of(cls, task_id: str, result: Any, request: Any = None) -> Outcome:
-        """SUCCESS with ``result``, or FAILURE if ``result`` is an exception (the batch contract)."""
-        if isinstance(result, Exception):
-            return cls.failure(task_id, result, request)
-        return cls(task_id, states.SUCCESS, result, request)
-
-    @classmethod
-    def failure(cls, task_id: str, exc: BaseException, request: Any = None) -> Outcome:
-        trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
-        return cls(task_id, states.FAILURE, exc, request, trace)
 
 
 class ResultWriter:
@@ -78,9 +54,7 @@ class ResultWriter:
                 ttl = backend.failure_expires
             ttls.append(int(ttl or 0))
         if self._script is None:
-            self._script = backend.client.register_script(
-                resources.files(__package__).joinpath("lua", "results.lua").read_text()
-            )
+            self._script = script(backend.client, "results.lua")
         self._script(keys=keys, args=payloads + ttls)
 
     def _encode(self, o: Outcome, date_done: str) -> Any:

@@ -1,8 +1,8 @@
 """What a batched task's queue holds right now: depth, claims, delayed, dead letters, consumers, batch statistics.
 
 One snapshot costs two round trips: a ``MULTI`` of every counter (so depth, the oldest message and the claims are
-read at the same instant), then the lengths of the claims it found. ``batching status`` prints these; a metrics
-exporter can call ``status_of`` on a store it keeps open.
+read at the same instant), then the lengths of the claims it found. ``batching status`` prints these
+(``batching.queue_status``); the worker's metrics call ``status_of`` on the store each consumer keeps open.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .store import QueueStore
+from .keys import batch_sizes
+from .queue import QueueStore
 
 #: A consumer counts as live if its last heartbeat is within this many leases (heartbeats come every lease/4).
 LIVE_LEASES = 2.0
@@ -41,15 +42,8 @@ class QueueStatus:
     #: Requests counted by the consumers (the ``requests`` counter of the stats hash).
     requests: int
     mean_batch_size: float | None
-
-
-def queue_status(task: Any, *, now: float | None = None) -> QueueStatus:
-    """Snapshot of a batched task's queue, read on the app's own broker settings; raises ``BrokerError``."""
-    store, connection = QueueStore.open(task)
-    try:
-        return status_of(store, task.name, now=now)
-    finally:
-        connection.release()
+    #: Batches run so far, by size: size -> batches.
+    batch_sizes: dict[int, int]
 
 
 def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
@@ -73,7 +67,7 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
     claim_ids, delayed, dead, consumers, stats = reply[2 * n:]
     # Highest priority first: the first non-empty list holds the next message to be served.
     oldest = next((raw for raw in ends if raw is not None), None)
-    sizes = {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
+    sizes = batch_sizes(stats)
     batches = sum(sizes.values())
     return QueueStatus(
         task=task_name,
@@ -88,6 +82,7 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         batches=batches,
         requests=int(stats.get(b"requests", 0)),
         mean_batch_size=sum(size * count for size, count in sizes.items()) / batches if batches else None,
+        batch_sizes=dict(sorted(sizes.items())),
     )
 
 

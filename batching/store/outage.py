@@ -1,0 +1,81 @@
+"""Riding out Redis outages: which errors mean "Redis is away", one log line per outage, and retrying with backoff.
+
+The alternative to retrying would be to let a consumer thread end on the first connection error and rely on the
+lease to hand its claims to another consumer: correct, but a worker would stop serving after any Redis restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Errors that mean the connection, not the request, failed: retry after a backoff instead of giving up.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+#: Backoff between attempts while Redis is unreachable, in seconds (doubling up to the maximum).
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+
+
+class Stopped(Exception):
+    """A retry loop gave up because its consumer is stopping; what it held is left to the lease."""
+
+
+class Outage:
+    """One warning when Redis goes away and one when it is back, however many threads notice."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+                logger.warning(
+                    "batching %s: Redis unreachable (%s); claimed work stays in Redis, retrying with backoff up to "
+                    "%.0fs until it is back", self.name, exc, RETRY_MAX_S,
+                )
+
+    def ok(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            if self._since is not None:
+                logger.warning("batching %s: Redis is back after %.1fs; serving again",
+                               self.name, time.monotonic() - self._since)
+                self._since = None
+
+
+def with_retries(fn: Callable[[], T], outage: Outage, stop: threading.Event, *, unexpected: str | None = None) -> T:
+    """``fn()``, retried with capped backoff while it fails with a Redis connection error.
+
+    Waits on ``stop``, so a stop request ends the wait at once and raises ``Stopped``: once a consumer is
+    stopping, a failed attempt is not repeated, and what it was about to write stays in its claim for the lease
+    to recover. With ``unexpected`` (what ``fn`` was doing, for the log) any other exception is logged with its
+    traceback and retried the same way: a bug of ours must not end a consumer thread silently.
+    """
+    backoff = RETRY_MIN_S
+    while True:
+        try:
+            result = fn()
+        except REDIS_ERRORS as exc:
+            outage.failed(exc)
+        except Exception:
+            if unexpected is None:
+                raise
+            logger.exception("batching %s: unexpected error while %s; continuing", outage.name, unexpected)
+        else:
+            outage.ok()
+            return result
+        if stop.wait(backoff):
+            raise Stopped(outage.name)
+        backoff = min(backoff * 2, RETRY_MAX_S)

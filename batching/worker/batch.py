@@ -1,0 +1,70 @@
+"""A batch as it moves through a consumer's threads, and who writes what in it.
+
+- The fetch thread builds it: the claim (``claim``), the requests to run (``items``), the outcomes decided without
+  running (``settled``: bad, revoked, expired messages) and what finishing the claim involves (``finish``).
+- The model thread, or the hard-time-limit timer if it fires first, gives every item its ``outcome``, once, and
+  hands the batch on (``ModelRunner``).
+- The keeper thread reads the outcomes (``outcomes()``), stores them and finishes the claim.
+
+Hand-overs go through a lock or a queue, so each field has one writer at a time.
+"""
+
+from __future__ import annotations
+
+import traceback as tb
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import states
+
+from ..store.queue import Claim, Finish
+from .request import TaskRequest
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The final state of one task: ``value`` is the result, or the exception for FAILURE/REVOKED/RETRY."""
+
+    task_id: str
+    state: str
+    value: Any
+    request: TaskRequest | None = None
+    traceback: str | None = None
+
+    @classmethod
+    def of(cls, task_id: str, result: Any, request: TaskRequest | None = None) -> Outcome:
+        """SUCCESS with ``result``, or FAILURE if ``result`` is an exception (the batch contract)."""
+        if isinstance(result, Exception):
+            return cls.failure(task_id, result, request)
+        return cls(task_id, states.SUCCESS, result, request)
+
+    @classmethod
+    def failure(cls, task_id: str, exc: BaseException, request: TaskRequest | None = None) -> Outcome:
+        trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
+        return cls(task_id, states.FAILURE, exc, request, trace)
+
+
+@dataclass(slots=True)
+class Item:
+    """One request of a batch that goes to the model, and, once the batch has run, its outcome."""
+
+    request: TaskRequest
+    outcome: Outcome | None = None
+
+
+@dataclass
+class Batch:
+    """A claim, triaged: the requests to run, the outcomes already decided, and how to finish the claim."""
+
+    claim: Claim
+    items: list[Item] = field(default_factory=list)
+    settled: list[Outcome] = field(default_factory=list)
+    finish: Finish = field(default_factory=Finish)
+    #: Unix times: first message claimed, and run_batch started (None: nothing ran).
+    claimed_at: float = 0.0
+    started_at: float | None = None
+
+    def outcomes(self) -> list[Outcome]:
+        """Every outcome of the batch: those decided without running, then the items' in request order."""
+        ran = [item.outcome for item in self.items if item.outcome is not None]
+        return self.settled + ran if self.settled else ran

@@ -1,0 +1,77 @@
+"""Worker integration: a bootstep that runs one ``BatchConsumer`` per batched task of the app.
+
+``batched()`` registers it by its dotted name, so only ``celery worker`` ever imports this module (and with it
+the consumer, the keeper, the time limits and prometheus-client).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import bootsteps
+
+from ..task import batched_tasks
+from .consumer import BatchConsumer
+from .events import task_events_enabled
+from .tunables import STOP_TIMEOUT_S, WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class BatchingStep(bootsteps.StartStopStep):
+    """Starts after the pool (so a forking pool never copies our threads) and stops before it."""
+
+    label = "Batching"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.consumers: list[BatchConsumer] = []
+        self.tasks = batched_tasks(worker.app)
+        # Unknown batching_* settings fail the worker here, before it serves anything, naming the valid ones.
+        self.settings = WorkerSettings.from_app(worker.app.conf, os.environ)
+        # The normal consumer must never take batch messages one by one (it would run run_batch per item), even
+        # if a batch queue was named with -Q or in task_queues. The worker selected its queues before bootsteps.
+        queues = worker.app.amqp.queues
+        for task in self.tasks:
+            if task.batching.queue in queues.consume_from:
+                queues.deselect([task.batching.queue])
+
+    def start(self, worker: Any) -> None:
+        if not self.tasks:
+            return
+        if self.settings.switch_interval_s:
+            sys.setswitchinterval(self.settings.switch_interval_s)
+        metrics = None
+        if self.settings.metrics_port is not None:
+            from .metrics import Metrics  # prometheus-client is imported only when the endpoint is on
+
+            metrics = Metrics()
+        for task in self.tasks:
+            consumer = BatchConsumer.for_task(
+                task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
+                metrics=metrics,
+            )
+            consumer.start()
+            self.consumers.append(consumer)
+            policy = consumer.settings.policy
+            logger.info(
+                "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
+                task.name, consumer.settings.queue, policy.batch_size, policy.max_delay_s,
+            )
+        if metrics is not None and self.settings.metrics_port is not None:
+            metrics.watch_queues((c.name, c.store) for c in self.consumers)
+            metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
+
+    def stop(self, worker: Any) -> None:
+        for consumer in self.consumers:
+            consumer.request_stop()  # signal all first, so they wind down in parallel
+        for consumer in self.consumers:
+            consumer.stop(STOP_TIMEOUT_S)
+        self.consumers.clear()
+
+    terminate = stop

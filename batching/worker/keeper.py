@@ -1,0 +1,101 @@
+"""The keeper: what happens to a batch after the model — follow-ups, results, events, finishing the claim — and
+the housekeeping between batches: heartbeats for our leases, recovery of dead consumers' claims.
+
+Order matters and is Celery's: retries are planned and callbacks sent first (their ids become the meta's
+``children``), then every result is stored in one round trip, then chord parts and errbacks run through the
+backend, retries are re-sent, events go out in one publish, and only then is the claim finished. A crash
+anywhere before the last step leaves the claim to be recovered: work may repeat, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..codec import task_id_of
+from ..errors import MessageError
+from ..store.outage import REDIS_ERRORS, Outage, with_retries
+from ..store.queue import NEVER_FINISHED, QueueStore
+from . import canvas
+from .batch import Batch, Outcome
+from .events import BatchEvents
+from .results import ResultWriter
+
+if TYPE_CHECKING:
+    from ..settings import BatchSettings
+    from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class Keeper:
+    """Settles batches and keeps leases for one consumer; used from that consumer's keeper thread only."""
+
+    def __init__(
+        self, app: Any, settings: BatchSettings, store: QueueStore, outage: Outage, *, events: BatchEvents,
+        accept: Collection[str], stop: threading.Event, metrics: Metrics | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = store
+        self.outage = outage
+        self.accept = accept
+        self.stop = stop
+        self.writer = ResultWriter(app.backend)
+        self.events = events
+        self.metrics = metrics
+
+    def settle(self, batch: Batch) -> None:
+        """Follow up, store, finish: retried through Redis outages until done, or until the consumer stops
+        (``Stopped``: the claim is then left to the lease)."""
+        app, name = self.app, self.settings.name
+        outcomes = batch.outcomes()
+        retries = canvas.plan_retries(self.settings.retry, outcomes)
+        canvas.send_callbacks(app, outcomes)
+        batch.finish.ran = len(batch.items)
+        with_retries(lambda: self.writer.write(outcomes), self.outage, self.stop)
+        canvas.after_store(app, outcomes)
+        canvas.send_retries(app, name, retries)
+        self.events.send_batch(
+            outcomes, received=batch.claimed_at or time.time(), started=batch.started_at, finished=time.time()
+        )
+        if batch.claim and not with_retries(lambda: self.store.finish(batch.claim, batch.finish), self.outage,
+                                            self.stop):
+            logger.warning("batching %s: a claim of %d message(s) outlived its lease and was re-queued; "
+                           "they may run again", name, len(batch.claim))
+        for reason, _raw in batch.finish.dead:
+            logger.warning("batching %s: dead-lettered a message: %s", name, reason)
+        if self.metrics is not None:
+            self.metrics.settled(name, outcomes, batch.claimed_at, len(batch.finish.dead))
+
+    def maintain(self, consumer_id: str, active: list[str]) -> None:
+        """Keep our leases alive and recover the claims of consumers that died."""
+        try:
+            self.store.heartbeat(consumer_id, active)
+            requeued, dead = self.store.recover()
+        except REDIS_ERRORS as exc:
+            self.outage.failed(exc)
+            return
+        if requeued or dead:
+            logger.warning("batching %s: re-queued %d message(s) from expired claims, dead-lettered %d",
+                           self.settings.name, requeued, len(dead))
+        if dead:
+            if self.metrics is not None:
+                self.metrics.dead_lettered.labels(self.settings.name).inc(len(dead))
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.writer.write(never_finished(dead, self.accept, self.store.max_deliveries))
+
+    def close(self, consumer_id: str) -> None:
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.store.leave(consumer_id)
+        self.events.close()
+
+
+def never_finished(raws: Iterable[bytes], accept: Collection[str], max_deliveries: int) -> list[Outcome]:
+    """FAILURE outcomes for messages dead-lettered after too many unfinished deliveries (when their id is known)."""
+    error = f"dead-lettered after {max_deliveries} deliveries that never finished: {NEVER_FINISHED}"
+    return [Outcome.failure(task_id, MessageError(error)) for raw in raws if (task_id := task_id_of(raw, accept))]

@@ -1,0 +1,76 @@
+"""Claimed messages -> what happens to each: run it, park it until its ETA, or settle it without running.
+
+Pure decisions over decoded messages (the revoked set and the clock are passed in), so every rule is unit-tested
+without Redis: undecodable messages fail (task id readable) or are dead-lettered (not), messages for another
+task fail, expired and revoked ones are REVOKED, future ETAs are parked, everything else joins the batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Container
+from dataclasses import dataclass
+
+from celery import states
+from celery.exceptions import TaskRevokedError
+
+from ..codec import Request, Undecodable, decode
+from ..errors import MessageError
+from .batch import Batch, Item, Outcome
+from .request import TaskRequest
+
+#: Where a too-large message's task id can still be read without parsing it: kombu writes ``properties`` (with
+#: ``correlation_id``, the task id) after the body, so the tail of the envelope holds it.
+_CORRELATION_ID = re.compile(rb'"correlation_id":\s*"([0-9A-Za-z_.:-]{1,200})"')
+_TAIL_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What one batched task accepts, and what its requests carry from the worker."""
+
+    task_name: str
+    queue: str
+    accept: Collection[str]
+    max_message_bytes: int
+    hostname: str = ""
+    ignore_result: bool = False
+
+
+def triage(batch: Batch, raws: list[bytes], rules: Rules, revoked: Container[str], now: float) -> None:
+    """Sort newly claimed ``raws`` into ``batch``."""
+    if not batch.claimed_at:
+        batch.claimed_at = now
+    for raw in raws:
+        item = _decode(raw, rules)
+        if isinstance(item, Undecodable):
+            if item.task_id is not None:
+                batch.settled.append(Outcome.failure(item.task_id, item.error))
+            else:
+                batch.finish.dead.append((str(item.error), raw))
+            continue
+        request = TaskRequest(item, rules.hostname, rules.queue, rules.ignore_result)
+        if item.task != rules.task_name:
+            error = MessageError(
+                f"task {item.task!r} was sent to the batch queue {rules.queue!r}, which only serves {rules.task_name!r}"
+            )
+            batch.settled.append(Outcome.failure(item.id, error, request))
+        elif item.id in revoked:
+            batch.settled.append(Outcome(item.id, states.REVOKED, TaskRevokedError("revoked"), request))
+        elif item.expires is not None and item.expires <= now:
+            batch.settled.append(Outcome(item.id, states.REVOKED, TaskRevokedError("expired"), request))
+        elif item.eta is not None and item.eta > now:
+            batch.finish.delayed.append((item.eta, raw))
+        else:
+            batch.items.append(Item(request))
+
+
+def _decode(raw: bytes, rules: Rules) -> Request | Undecodable:
+    if len(raw) > rules.max_message_bytes:
+        error = MessageError(
+            f"message of {len(raw):,} bytes is over this task's limit of {rules.max_message_bytes:,} bytes "
+            "(max_message_bytes); it was not decoded"
+        )
+        found = _CORRELATION_ID.search(raw[-_TAIL_BYTES:])
+        return Undecodable(error, found.group(1).decode() if found else None)
+    return decode(raw, rules.accept)
