@@ -18,6 +18,7 @@ from celery.result import ResultSet
 from batching.client import gather
 from batching.keys import QueueKeys
 from batching.store import dead_letter  # noqa: F401  (the entry format the recovery script mirrors)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +33,6 @@ def rel(redis_url: str) -> ModuleType:
 @pytest.fixture(autouse=True)
 def clean(rclient: redis.Redis) -> None:
     rclient.delete("reliable:ran", "reliable:poison_calls", "reliable:quiet")
-
-
-def wait_until(predicate, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; returns the seconds it took. Fails the test at ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def all_succeeded(client: redis.Redis, ids: list[str]) -> bool:

@@ -15,6 +15,7 @@ from celery.result import AsyncResult, ResultSet
 
 from batching.errors import BatchResultError, MissingArgumentError, UnexpectedArgumentError
 from batching.keys import QueueKeys
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +29,9 @@ def sizes(client: redis.Redis, task, *, requests: int | None = None) -> dict[int
     """The task's batch-size histogram; with ``requests``, once it counts that many (claims finish just after the
     results are published, so the last batch may still be on its way)."""
     key = QueueKeys(task.batching.queue).stats
-    deadline = time.monotonic() + 10
-    while requests is not None and int(client.hget(key, "requests") or 0) < requests and time.monotonic() < deadline:
-        time.sleep(0.01)
+    if requests is not None:
+        wait_until(lambda: int(client.hget(key, "requests") or 0) >= requests, 10, f"{requests} requests counted",
+                   interval=0.01)
     stats = client.hgetall(key)
     return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
 
