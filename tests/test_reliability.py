@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.result import ResultSet
 
 from batching.client import gather
+from batching.errors import MessageError
 from batching.keys import QueueKeys
 from batching.store import dead_letter  # noqa: F401  (the entry format the recovery script mirrors)
 from tests.waiting import wait_until
@@ -138,7 +139,7 @@ def test_message_that_kills_every_consumer_is_dead_lettered_and_fails(rel, start
             break
         deaths += 1
     assert deaths == 3, f"expected 3 deaths before the dead letter, got {deaths}"
-    with pytest.raises(Exception, match="dead-lettered after 3 deliveries"):
+    with pytest.raises(MessageError, match="dead-lettered after 3 deliveries"):
         poison.get(timeout=10)
     assert [r.get(timeout=10) for i, r in enumerate(results) if i != 7] == [v.upper() for v in inputs if v != "crash"]
     dead = rclient.lrange(QueueKeys(rel.crashy.batching.queue).dead, 0, -1)

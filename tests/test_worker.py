@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 import redis
 from celery import group, states
+from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult, ResultSet
 
 from batching.errors import BatchResultError, MissingArgumentError, UnexpectedArgumentError
@@ -145,7 +146,7 @@ def test_group_and_result_set_of_batched_tasks(shop, shop_worker):
 
 def test_expired_task_is_revoked_not_run(shop, shop_worker):
     r = shop.predict.apply_async(kwargs={"text": "late"}, expires=-1)
-    with pytest.raises(Exception, match="expired"):
+    with pytest.raises(TaskRevokedError, match="expired"):
         r.get(timeout=30)
     assert r.state == states.REVOKED
 
