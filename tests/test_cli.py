@@ -116,6 +116,7 @@ def test_dead_letters_are_listed_requeued_and_purged(cliapp: ModuleType, rclient
     # A message whose task id is readable, dead-lettered the way too many unfinished deliveries do it.
     real = cliapp.embed.delay(text="hello")
     raw = rclient.rpop(keys.main)
+    assert isinstance(raw, bytes)
     rclient.lpush(keys.dead, dead_letter(keys.queue, "dead-lettered after 3 deliveries", raw))
 
     (page,) = json.loads(ok("dead-letters", "list", "-A", APP, "--task", "embed", "--json"))["tasks"]

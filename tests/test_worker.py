@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from types import ModuleType
+from typing import cast
 
 import pytest
 import redis
@@ -33,7 +34,7 @@ def sizes(client: redis.Redis, task, *, requests: int | None = None) -> dict[int
     if requests is not None:
         wait_until(lambda: int(client.hget(key, "requests") or 0) >= requests, 10, f"{requests} requests counted",
                    interval=0.01)
-    stats = client.hgetall(key)
+    stats = cast(dict[bytes, bytes], client.hgetall(key))  # the client does not decode responses
     return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
 
 
