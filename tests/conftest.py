@@ -17,8 +17,11 @@ import redis
 
 from batching.redis_server import private_redis
 from batching.store.queue import Finish, QueueStore
+from tests.waiting import poll_until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["ROOT", "Worker", "poll_until", "wait_until"]
 
 
 @pytest.fixture(scope="session")
@@ -55,14 +58,15 @@ class Worker:
             )
 
     def ready(self, timeout_s: float = 60.0) -> Worker:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if " ready." in self.log.read_text(errors="replace"):
-                return self
+        def up() -> bool:
+            if " ready." in self.output():
+                return True
             if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"worker did not become ready:\n{self.output()}")
+                raise AssertionError(f"worker did not become ready:\n{self.output()}")
+            return False
+
+        wait_until(up, timeout_s, "the worker to become ready", interval=0.05, detail=self.output)
+        return self
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

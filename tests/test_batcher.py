@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
@@ -102,6 +103,32 @@ def make_batcher() -> Iterator[Callable[..., Batcher]]:
         batcher.stop(timeout=TIMEOUT_S)
 
 
+@dataclass
+class HeldBatch:
+    """A batcher whose first batch runs alone, held at ``gate``, with the ``queued`` calls waiting behind it."""
+
+    gate: threading.Event
+    model: Model
+    batcher: Batcher
+    first: Future[Any]
+    queued: list[Future[Any]]
+
+
+def hold_first_batch(
+    make_batcher: Callable[..., Batcher], first: str, queued: list[str], *, batch_size: int, **kwargs: Any
+) -> HeldBatch:
+    """Start ``run(first)``, hold its batch at the gate, then queue ``run(text, **kwargs)`` for each queued text."""
+    gate = threading.Event()
+    model = Model(gate)
+    clock = ArrivalClock()
+    batcher = make_batcher(model, batch_size=batch_size, clock=clock)
+    running = in_thread(batcher.run, first)
+    assert model.first_batch_started.wait(TIMEOUT_S)
+    waiting = [in_thread(batcher.run, text, **kwargs) for text in queued]
+    clock.wait_for(1 + len(queued))
+    return HeldBatch(gate, model, batcher, running, waiting)
+
+
 # -- batching ----------------------------------------------------------------------------------------------------
 
 
@@ -116,20 +143,12 @@ def test_concurrent_callers_get_their_own_results_in_full_batches(make_batcher: 
 
 
 def test_callers_queued_behind_a_running_batch_form_the_next_batches(make_batcher: Callable[..., Batcher]) -> None:
-    gate = threading.Event()
-    model = Model(gate)
-    clock = ArrivalClock()
-    batcher = make_batcher(model, batch_size=4, clock=clock)
+    held = hold_first_batch(make_batcher, "first", [f"q{i}" for i in range(6)], batch_size=4, upper=True)
+    held.gate.set()
 
-    first = in_thread(batcher.run, "first")
-    assert model.first_batch_started.wait(TIMEOUT_S)
-    queued = [in_thread(batcher.run, f"q{i}", upper=True) for i in range(6)]
-    clock.wait_for(1 + 6)
-    gate.set()
-
-    assert first.result(TIMEOUT_S) == "firstx0"
-    assert [f.result(TIMEOUT_S) for f in queued] == [f"Q{i}X0" for i in range(6)]
-    assert model.batch_sizes == [1, 4, 2]
+    assert held.first.result(TIMEOUT_S) == "firstx0"
+    assert [f.result(TIMEOUT_S) for f in held.queued] == [f"Q{i}X0" for i in range(6)]
+    assert held.model.batch_sizes == [1, 4, 2]
 
 
 def test_a_partial_batch_runs_once_its_delay_has_passed(make_batcher: Callable[..., Batcher]) -> None:
@@ -245,26 +264,19 @@ def test_a_model_that_kills_the_batch_thread_stops_the_batcher_instead_of_hangin
 
 
 def test_stop_fails_waiting_calls_and_lets_the_running_batch_finish(make_batcher: Callable[..., Batcher]) -> None:
-    gate = threading.Event()
-    model = Model(gate)
-    clock = ArrivalClock()
-    batcher = make_batcher(model, batch_size=2, clock=clock)
-    running = in_thread(batcher.run, "running")
-    assert model.first_batch_started.wait(TIMEOUT_S)
-    waiting = [in_thread(batcher.run, f"w{i}") for i in range(3)]
-    clock.wait_for(1 + 3)
+    held = hold_first_batch(make_batcher, "running", [f"w{i}" for i in range(3)], batch_size=2)
 
-    stopping = in_thread(batcher.stop)  # joins the batch thread, which is still held at the gate
-    for future in waiting:
+    stopping = in_thread(held.batcher.stop)  # joins the batch thread, which is still held at the gate
+    for future in held.queued:
         with pytest.raises(BatcherStopped) as info:
             future.result(TIMEOUT_S)
         assert isinstance(info.value, InterruptedError)
     assert not stopping.done()
-    gate.set()
+    held.gate.set()
 
-    assert running.result(TIMEOUT_S) == "runningx0"
+    assert held.first.result(TIMEOUT_S) == "runningx0"
     assert stopping.result(TIMEOUT_S) is None
-    assert model.batch_sizes == [1]
+    assert held.model.batch_sizes == [1]
 
 
 def test_run_after_stop_raises_batcher_stopped(make_batcher: Callable[..., Batcher]) -> None:

@@ -6,7 +6,6 @@ import importlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import redis
 
 from batching.redis_server import find_redis_server, free_port
 from tests.conftest import ROOT, Worker
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +28,19 @@ def sentinel_url(redis_url: str, tmp_path: Path):
     proc = subprocess.Popen([find_redis_server(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     client = redis.Redis(port=sentinel_port)
-    for _ in range(200):
+
+    def knows_master() -> bool:
         try:
-            if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"):
-                break
+            return bool(client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"))
         except redis.ConnectionError:
-            pass
-        time.sleep(0.05)
-    yield f"sentinel://127.0.0.1:{sentinel_port}"
-    proc.terminate()
-    proc.wait(10)
+            return False
+
+    try:
+        wait_until(knows_master, 10, "the sentinel to know the master", interval=0.05)
+        yield f"sentinel://127.0.0.1:{sentinel_port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_sentinel_broker_url_works_end_to_end(redis_url, sentinel_url, tmp_path, monkeypatch):

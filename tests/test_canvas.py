@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import time
 from types import ModuleType
 
 import pytest
 from celery import chain, chord, group, states
+
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +50,7 @@ def test_link_error_errback_runs_for_a_failed_request(shop, shop_worker, rclient
     r = shop.picky.apply_async(kwargs={"x": -5}, link_error=shop.on_error.s())
     with pytest.raises(ValueError):
         r.get(timeout=30)
-    deadline = time.monotonic() + 30
-    while not rclient.llen("shop:errbacks") and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: rclient.llen("shop:errbacks"), 30, "the errback to run")
     assert rclient.lrange("shop:errbacks", 0, -1) == [f"{r.id}:ValueError".encode()]
 
 
@@ -59,10 +58,13 @@ def test_autoretry_requeues_only_the_failed_item_and_the_client_sees_retry(shop,
     rclient.delete("shop:flaky")
     r = shop.flaky.delay(x="a")
     seen = set()
-    deadline = time.monotonic() + 30
-    while r.state != states.SUCCESS and time.monotonic() < deadline:
-        seen.add(r.state)
-        time.sleep(0.01)
+
+    def succeeded() -> bool:
+        state = r.state
+        seen.add(state)
+        return state == states.SUCCESS
+
+    wait_until(succeeded, 30, "the retried task to succeed", interval=0.01)
     assert r.get(timeout=5) == "ok:a"
     assert states.RETRY in seen
     assert int(rclient.hget("shop:flaky", "a")) == 2

@@ -117,6 +117,7 @@ def test_dead_letters_are_listed_requeued_and_purged(cliapp: ModuleType, rclient
     # A message whose task id is readable, dead-lettered the way too many unfinished deliveries do it.
     real = cliapp.embed.delay(text="hello")
     raw = rclient.rpop(keys.main)
+    assert isinstance(raw, bytes)
     bury(QueueStore(rclient, keys), "dead-lettered after 3 deliveries", raw)
 
     (page,) = json.loads(ok("dead-letters", "list", "-A", APP, "--task", "embed", "--json"))["tasks"]

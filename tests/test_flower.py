@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from batching.redis_server import free_port
 from tests.conftest import ROOT
+from tests.waiting import poll_until, wait_until
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("flower")
@@ -37,6 +37,12 @@ def fetch(url: str, auth: str | None = AUTH) -> tuple[int, bytes]:
         return 0, b""
 
 
+def flower_tasks(base: str) -> dict:
+    """Flower's tasks by id; empty while its API does not answer."""
+    status, body = fetch(f"{base}/api/tasks?limit=1000")
+    return json.loads(body) if status == 200 else {}
+
+
 @pytest.fixture
 def flower(redis_url: str, tmp_path: Path):
     port = free_port()
@@ -48,12 +54,17 @@ def flower(redis_url: str, tmp_path: Path):
             cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url}, stdout=out, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while fetch(f"{base}/healthcheck", None)[0] != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
             raise AssertionError(f"flower did not start:\n{log.read_text()}")
-        time.sleep(0.1)
+        return fetch(f"{base}/healthcheck", None)[0] == 200
+
+    try:
+        wait_until(healthy, 30, "flower to start", interval=0.1, detail=log.read_text)
+    except AssertionError:
+        proc.kill()
+        raise
     yield base
     proc.terminate()
     proc.wait(10)
@@ -71,14 +82,16 @@ def test_batched_tasks_appear_in_flower_with_their_details(redis_url, flower, st
         bad.get(timeout=30)
 
     wanted = {r.id for r in ok} | {bad.id}
-    deadline = time.monotonic() + 30
-    tasks: dict = {}
-    while time.monotonic() < deadline:
-        status, body = fetch(f"{flower}/api/tasks?limit=1000")
-        tasks = json.loads(body) if status == 200 else {}
-        if wanted <= tasks.keys() and all(tasks[i].get("state") in ("SUCCESS", "FAILURE") for i in wanted):
-            break
-        time.sleep(0.2)
+
+    def ours_settled() -> dict | None:
+        tasks = flower_tasks(flower)
+        settled = wanted <= tasks.keys() and all(tasks[i].get("state") in ("SUCCESS", "FAILURE") for i in wanted)
+        return tasks if settled else None
+
+    tasks = poll_until(
+        ours_settled, 30, "Flower to show our tasks settled", interval=0.2,
+        detail=lambda: f"Flower saw {len(flower_tasks(flower))} tasks; worker log:\n{worker.output()[-2000:]}",
+    )
     assert wanted <= tasks.keys(), f"Flower saw {len(tasks)} tasks, not ours; worker log:\n{worker.output()[-2000:]}"
     for r in ok:
         t = tasks[r.id]
@@ -102,11 +115,11 @@ def test_enable_events_at_runtime_turns_batched_task_events_on(redis_url, flower
     assert replies, "no worker answered enable_events"
     after = shop.predict.delay(text="loud")
     assert after.get(timeout=30) == "LOUD"
-    deadline = time.monotonic() + 30
-    tasks: dict = {}
-    while after.id not in tasks and time.monotonic() < deadline:
-        status, body = fetch(f"{flower}/api/tasks?limit=1000")
-        tasks = json.loads(body) if status == 200 else {}
-        time.sleep(0.2)
+
+    def with_after() -> dict | None:
+        tasks = flower_tasks(flower)
+        return tasks if after.id in tasks else None
+
+    tasks = poll_until(with_after, 30, "Flower to show the task sent after enable_events", interval=0.2)
     assert after.id in tasks
     assert before.id not in tasks, "events were sent although task events were off"

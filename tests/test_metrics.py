@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batching.redis_server import free_port
+from tests.waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,13 @@ def test_metrics_endpoint_counts_batches_items_and_queue_state(redis_url, start_
     later = shop.picky.apply_async(kwargs={"x": 1}, countdown=60)  # parked: shows up as delayed
 
     task = (("task", shop.picky.name),)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def settled() -> dict[tuple[str, tuple], float] | None:
         m = scrape(port)
-        settled = m.get(("batching_items_total", (("outcome", "succeeded"), *task)), 0) >= 20
-        if (settled and m.get(("batching_delayed", task)) == 1) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        succeeded = m.get(("batching_items_total", (("outcome", "succeeded"), *task)), 0) >= 20
+        return m if succeeded and m.get(("batching_delayed", task)) == 1 else None
+
+    m = poll_until(settled, 10, "the metrics to count every item and the delayed task", interval=0.05)
     assert m[("batching_items_total", (("outcome", "succeeded"), *task))] == 20
     assert m[("batching_items_total", (("outcome", "failed"), *task))] == 3
     batches = m[("batching_batches_total", task)]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
 from types import ModuleType
+from typing import cast
 
 import pytest
 import redis
@@ -16,7 +19,9 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.result import ResultSet
 
 from batching import gather
+from batching.errors import MessageError
 from batching.store.keys import QueueKeys
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +36,6 @@ def rel(redis_url: str) -> ModuleType:
 @pytest.fixture(autouse=True)
 def clean(rclient: redis.Redis) -> None:
     rclient.delete("reliable:ran", "reliable:poison_calls", "reliable:quiet")
-
-
-def wait_until(predicate, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; returns the seconds it took. Fails the test at ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def all_succeeded(client: redis.Redis, ids: list[str]) -> bool:
@@ -58,14 +53,16 @@ def ran(rclient: redis.Redis) -> Counter:
 
 def claimed_task_ids(rclient: redis.Redis, task) -> set[str]:
     """Task ids of every message currently held in a claim of the task's queue."""
-    from batching.codec import decode
+    from batching.codec import Request, decode
 
     keys = QueueKeys(task.batching.queue)
     ids = set()
-    for claim_id in rclient.zrange(keys.claims, 0, -1):
-        items = rclient.lrange(keys.claim(claim_id.decode()), 0, -1)
+    for claim_id in cast(list[bytes], rclient.zrange(keys.claims, 0, -1)):  # the client does not decode responses
+        items = cast(list[bytes], rclient.lrange(keys.claim(claim_id.decode()), 0, -1))
         for raw in items[1::2]:
-            ids.add(decode(raw, {"application/json"}).id)
+            request = decode(raw, {"application/json"})
+            assert isinstance(request, Request), request
+            ids.add(request.id)
     return ids
 
 
@@ -105,7 +102,7 @@ def test_two_workers_one_killed_the_survivor_finishes(rel, start_worker, rclient
 def test_redis_connections_killed_repeatedly_all_tasks_complete(rel, start_worker, rclient):
     start_worker("tests.apps.reliable", "--pool", "solo").ready()
     stop = threading.Event()
-    kills = []
+    kills: list[int] = []
 
     def killer() -> None:
         admin = redis.Redis.from_url(rel.URL)
@@ -138,15 +135,19 @@ def test_message_that_kills_every_consumer_is_dead_lettered_and_fails(rel, start
     results = [rel.crashy.delay(x=v) for v in inputs]
     poison = results[7]
     deaths = 0
+
+    def crashed_or_finished(proc: subprocess.Popen[bytes]) -> bool:
+        # The worker either dies on the poison message or lives until every task is settled.
+        return proc.poll() is not None or all(r.ready() for r in results)
+
     for _ in range(6):
         proc = start_worker("tests.apps.reliable", "--pool", "solo").proc
-        # The worker either dies on the poison message or lives until every task is settled.
-        wait_until(lambda p=proc: p.poll() is not None or all(r.ready() for r in results), 60, "crash or finish")
+        wait_until(functools.partial(crashed_or_finished, proc), 60, "crash or finish")
         if proc.poll() is None:
             break
         deaths += 1
     assert deaths == 3, f"expected 3 deaths before the dead letter, got {deaths}"
-    with pytest.raises(Exception, match="dead-lettered after 3 deliveries"):
+    with pytest.raises(MessageError, match="dead-lettered after 3 deliveries"):
         poison.get(timeout=10)
     assert [r.get(timeout=10) for i, r in enumerate(results) if i != 7] == [v.upper() for v in inputs if v != "crash"]
     dead = rclient.lrange(QueueKeys(rel.crashy.batching.queue).dead, 0, -1)
@@ -226,7 +227,6 @@ def test_ignore_result_runs_but_stores_nothing(rel, reliable_worker, rclient):
 def test_redis_restart_mid_run_the_worker_rides_it_out(rel, tmp_path):
     """A persistent Redis (AOF) restarted under a running worker: one outage line, no crash, every task done."""
     import os
-    import subprocess
     import sys
 
     from batching.redis_server import find_redis_server, free_port

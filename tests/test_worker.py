@@ -7,14 +7,17 @@ import threading
 import time
 import uuid
 from types import ModuleType
+from typing import cast
 
 import pytest
 import redis
 from celery import group, states
+from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult, ResultSet
 
 from batching.errors import BatchResultError, MissingArgumentError, UnexpectedArgumentError
 from batching.store.keys import QueueKeys
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +31,10 @@ def sizes(client: redis.Redis, task, *, requests: int | None = None) -> dict[int
     """The task's batch-size histogram; with ``requests``, once it counts that many (claims finish just after the
     results are published, so the last batch may still be on its way)."""
     key = QueueKeys(task.batching.queue).stats
-    deadline = time.monotonic() + 10
-    while requests is not None and int(client.hget(key, "requests") or 0) < requests and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stats = client.hgetall(key)
+    if requests is not None:
+        wait_until(lambda: int(client.hget(key, "requests") or 0) >= requests, 10, f"{requests} requests counted",
+                   interval=0.01)
+    stats = cast(dict[bytes, bytes], client.hgetall(key))  # the client does not decode responses
     return {int(k[5:]): int(v) for k, v in stats.items() if k.startswith(b"size:")}
 
 
@@ -144,7 +147,7 @@ def test_group_and_result_set_of_batched_tasks(shop, shop_worker):
 
 def test_expired_task_is_revoked_not_run(shop, shop_worker):
     r = shop.predict.apply_async(kwargs={"text": "late"}, expires=-1)
-    with pytest.raises(Exception, match="expired"):
+    with pytest.raises(TaskRevokedError, match="expired"):
         r.get(timeout=30)
     assert r.state == states.REVOKED
 
