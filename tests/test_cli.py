@@ -168,3 +168,10 @@ def test_unreachable_redis_exits_3_with_the_url_and_no_password(redis_url: str) 
 def test_bench_runs_from_the_checkout_wherever_it_is_called(tmp_path: Path) -> None:
     done = cli("bench", "--help", cwd=tmp_path)
     assert done.returncode == 0 and "python -m bench" in done.stdout
+
+
+def test_demo_runs_from_the_checkout_wherever_it_is_called(tmp_path: Path, redis_url: str) -> None:
+    # The example app is not installed; the command finds it beside the batching it runs from.
+    done = cli("demo", "--n", "40", "--clients", "2", cwd=tmp_path, REDIS_URL=redis_url)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "40 predict.delay() calls" in done.stdout and "batch sizes" in done.stdout
