@@ -6,6 +6,7 @@ batches. Everything a user calls is importable from here; the submodules are the
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import aio
 from .batcher import Batcher
 from .client import gather, submit_many
 from .errors import (
@@ -17,6 +18,9 @@ from .errors import (
     ContentDisallowed,
     MessageError,
     MissingArgumentError,
+    QueueFull,
+    RequestAbandoned,
+    ResultBackendError,
     ResultEncodeError,
     UnexpectedArgumentError,
 )
@@ -44,10 +48,14 @@ __all__ = [
     "DeadLetter",
     "MessageError",
     "MissingArgumentError",
+    "QueueFull",
     "QueueStatus",
+    "RequestAbandoned",
+    "ResultBackendError",
     "ResultEncodeError",
     "UnexpectedArgumentError",
     "__version__",
+    "aio",
     "batched",
     "gather",
     "list_dead",

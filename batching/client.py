@@ -3,9 +3,9 @@
 ``task.delay()`` goes through Celery's full publishing path — routing, declaring, a retry policy, a result
 subscription — for every single message, which caps one client at about a thousand calls a second. A web app that
 has many items in hand (a page of products to score, a file of texts) can instead build every message with
-Celery's own ``amqp.as_task_v2`` and kombu's serializer and channel, and push them all through kombu's Redis
-publish batch (one pipeline round trip per ``chunk`` messages). The messages are byte-for-byte what ``.delay()``
-would have sent, so the worker cannot tell the difference.
+Celery's own ``amqp.as_task_v2`` and kombu's serializer and channel (``publish.build``), and push them all in one
+pipeline round trip per ``chunk`` messages. The messages are byte-for-byte what ``.delay()`` would have sent, so
+the worker cannot tell the difference.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
-from kombu.serialization import dumps
-from kombu.utils.uuid import uuid
+
+from .publish import Admission, build, published, queue_keys, sync_client, tag
 
 #: Messages per pipeline round trip when submitting in bulk.
 SUBMIT_CHUNK = 1000
@@ -37,43 +37,38 @@ def submit_many(
     """Enqueue one request per item of ``calls`` (a dict of keyword arguments, or a sequence of positional ones).
 
     Every call is bound and checked against the task's signature first, so a bad item raises ``TypeError`` before
-    anything is sent. Returns the ``AsyncResult`` of each request, in order.
+    anything is sent. Returns the ``AsyncResult`` of each request, in order. With the task's ``max_queue_size``,
+    the whole call is admitted or refused at once (``QueueFull``: nothing is stored), in one atomic script call.
     """
     spec = task.batching.spec
     bound = [
         spec.bind((), dict(call)) if isinstance(call, Mapping) else spec.bind(tuple(call), {}) for call in calls
     ]
     app = task.app
-    serializer = task.serializer or app.conf.task_serializer
-    ignore_result = bool(task.ignore_result)
     origin = anon_nodename()
-    maxsize = app.amqp.kwargsrepr_maxsize
-    results: list[AsyncResult] = []
+    limit = task.batching.max_queue_size
     with app.connection_for_write() as connection:
         channel = connection.default_channel
-        batch = channel.create_publish_batch(max_size=chunk)
-        try:
-            for kwargs in bound:
-                task_id = uuid()
-                message = app.amqp.as_task_v2(
-                    task_id, task.name, args=(), kwargs=kwargs, countdown=countdown, expires=expires,
-                    ignore_result=ignore_result, origin=origin,
-                    # Celery's saferepr of the arguments is half the cost of a message; a truncated repr gives
-                    # Flower and the logs the same text for the small keyword arguments requests carry.
-                    argsrepr="()", kwargsrepr=repr(kwargs)[:maxsize],
-                )
-                message.headers["sent_at"] = time.time()
-                content_type, content_encoding, body = dumps(message.body, serializer=serializer)
-                envelope = channel.prepare_message(
-                    body, priority, content_type, content_encoding, message.headers, message.properties
-                )
-                # The anonymous exchange routes straight to the list named by the routing key: the task's queue.
-                batch.publish(envelope, exchange="", routing_key=task.batching.queue)
-                results.append(app.AsyncResult(task_id))
-            batch.flush()
-        finally:
-            batch.close()
-    return results
+        messages = [
+            build(task, channel, (), kwargs, countdown=countdown, expires=expires, priority=priority, origin=origin,
+                  fast_repr=True)
+            for kwargs in bound
+        ]
+        client = sync_client(channel.pool)
+        if limit is not None:
+            # All or nothing: one script call for the whole send. It can hold at most max_queue_size messages
+            # anyway, since a larger send could never be admitted.
+            Admission(queue_keys(task, channel), limit).push(client, messages)
+        else:
+            prefix = channel.global_keyprefix or ""
+            for start in range(0, len(messages), chunk):
+                with client.pipeline(transaction=False) as pipe:
+                    for m in messages[start:start + chunk]:
+                        pipe.lpush(prefix + m.key, m.raw)
+                    pipe.execute()
+    for m in messages:
+        published(task, m)
+    return [tag(task.AsyncResult(m.task_id), task) for m in messages]
 
 
 def gather(

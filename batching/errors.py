@@ -5,12 +5,15 @@
     BatchingError
     ├── ConfigurationError        bad decorator/consumer settings; raised at definition or start-up
     ├── BrokerError               the broker cannot be used (unsupported URL, unreachable at start-up)
+    ├── ResultBackendError        ``batching.aio`` cannot wait on this result backend (not Redis)
+    ├── QueueFull                 a send would leave more than ``max_queue_size`` requests waiting; nothing stored
     ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
     │   └── ContentDisallowed     its serializer is not in ``accept_content``
     ├── MissingArgumentError      (also ValueError, TypeError) a request lacks required arguments; fails alone
     ├── UnexpectedArgumentError   (also TypeError) a request names parameters the model does not take
     ├── BatchResultError          ``run_batch`` returned something that cannot be split per request
     ├── ResultEncodeError         one request's result cannot be serialized for the result backend
+    ├── RequestAbandoned          (also Celery's TaskRevokedError) its caller stopped waiting before it was claimed
     └── BatcherStopped            (also InterruptedError) the in-process ``Batcher`` was stopped
 
 Errors that reach a Celery client are re-raised there with their own type, so each class is importable from
@@ -18,6 +21,8 @@ Errors that reach a Celery client are re-raised there with their own type, so ea
 """
 
 from __future__ import annotations
+
+from celery.exceptions import TaskRevokedError
 
 
 class BatchingError(Exception):
@@ -30,6 +35,25 @@ class ConfigurationError(BatchingError):
 
 class BrokerError(BatchingError):
     """The app's broker cannot be used by the batching consumer."""
+
+
+class ResultBackendError(BatchingError):
+    """The task's result backend is not one ``batching.aio`` can wait on."""
+
+
+class QueueFull(BatchingError):
+    """A send was refused because it would leave more than the task's ``max_queue_size`` requests waiting.
+
+    Nothing of the send was stored. ``depth`` is how many requests were waiting; ``retry_after`` (seconds) is how
+    long the queue needs, at its measured drain rate, to make room for this send — what a web app puts in an HTTP
+    ``Retry-After``. Raised in the client only, never stored as a result.
+    """
+
+    def __init__(self, message: str, depth: int = 0, retry_after: float = 1.0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.depth = depth
+        self.retry_after = retry_after
+        self.limit = limit
 
 
 class MessageError(BatchingError):
@@ -58,6 +82,13 @@ class BatchResultError(BatchingError):
 
 class ResultEncodeError(BatchingError):
     """A result could not be serialized with the result backend's serializer."""
+
+
+class RequestAbandoned(BatchingError, TaskRevokedError):
+    """Its caller stopped waiting (timed out or was cancelled) before any consumer claimed it: it never ran.
+
+    Stored as the task's REVOKED result; a ``TaskRevokedError``, so code that handles revoked tasks handles it.
+    """
 
 
 class BatcherStopped(BatchingError, InterruptedError):

@@ -41,7 +41,7 @@ CELERY_TASK_OPTIONS = frozenset({
 })
 #: ``@batched``'s own options.
 BATCHING_OPTIONS = ("name", "batch_size", "max_delay", "queue", "lease_s", "max_deliveries", "max_message_bytes",
-                    "isolate_errors")
+                    "isolate_errors", "max_queue_size")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ class BatchSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Bisect a batch whose ``run_batch`` raised, so only the requests that cause the error fail.
     isolate_errors: bool = True
+    #: Most requests that may wait in the queue (all priorities, not yet claimed); a send that would leave more
+    #: raises ``QueueFull`` in the client. ``None``: unbounded, and sends cost nothing extra.
+    max_queue_size: int | None = None
     # The Celery options the consumer acts on, as the worker resolves them from the task (app defaults included).
     ignore_result: bool = False
     time_limit: float | None = None
@@ -106,6 +109,8 @@ class BatchSettings:
                f"max_message_bytes must be a positive integer, got {self.max_message_bytes!r}")
         _check(isinstance(self.isolate_errors, bool), f"isolate_errors must be True or False, got "
                f"{self.isolate_errors!r}")
+        _check(self.max_queue_size is None or (_is_int(self.max_queue_size) and self.max_queue_size >= 1),
+               f"max_queue_size must be an integer >= 1 or None, got {self.max_queue_size!r}")
         _check(isinstance(self.queue, str) and bool(self.queue), f"queue must be a non-empty string, got "
                f"{self.queue!r}")
 

@@ -21,6 +21,7 @@ from .errors import ConfigurationError
 from .merge import CallSpec, execute
 from .model import ModelHandle
 from .policy import FlushPolicy
+from .publish import send_admitted, tag
 from .settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LEASE_S,
@@ -34,6 +35,8 @@ from .settings import (
 
 #: The worker bootstep, by dotted name: Celery resolves it when a worker starts, so clients never import it.
 WORKER_STEP = "batching.worker.bootstep:BatchingStep"
+#: ``Task.apply_async``'s positional parameters after ``args`` and ``kwargs``.
+_APPLY_ASYNC_POSITIONAL = ("task_id", "producer", "link", "link_error", "shadow")
 
 
 class BatchedTask(Task):
@@ -54,7 +57,16 @@ class BatchedTask(Task):
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
-        return super().apply_async((), bound, *rest, **options)
+        if self.batching.max_queue_size is None or self.app.conf.task_always_eager:
+            result = super().apply_async((), bound, *rest, **options)
+        else:
+            # A bounded queue: Celery's own send, with the final push made by the admission script.
+            options.update(zip(_APPLY_ASYNC_POSITIONAL, rest, strict=False))
+            producer = options.pop("producer", None)
+            result = send_admitted(
+                self, lambda p: super(BatchedTask, self).apply_async((), bound, producer=p, **options), producer
+            )
+        return tag(result, self)
 
     def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:
         """Enqueue many requests in one round trip per thousand; see ``batching.submit_many``."""
@@ -93,6 +105,7 @@ def batched(
     max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     isolate_errors: bool = True,
+    max_queue_size: int | None = None,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -110,6 +123,8 @@ def batched(
     after the last heartbeat. ``max_deliveries``: deliveries that end in a consumer crash before a message is
     dead-lettered. ``max_message_bytes``: larger messages fail without being decoded. ``isolate_errors``: when
     ``run_batch`` raises, bisect the batch so only the culprit requests fail (False: the whole batch fails).
+    ``max_queue_size``: most requests that may wait in the queue; a send that would leave more raises
+    ``QueueFull`` in the client, atomically across every client (None: unbounded).
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -117,6 +132,7 @@ def batched(
     own: dict[str, Any] = dict(
         name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
         max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
+        max_queue_size=max_queue_size,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -136,7 +152,7 @@ def batched(
         name=task_name, queue=queue or f"batching.{task_name}", spec=spec,
         policy=FlushPolicy(batch_size, max_delay),
         lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
-        isolate_errors=isolate_errors,
+        isolate_errors=isolate_errors, max_queue_size=max_queue_size,
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     return app.task(

@@ -30,8 +30,11 @@ SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.sett
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,
-    "batching.task": SHARED | {"batching.client"},
-    "batching.client": SHARED,
+    "batching.task": SHARED | {"batching.client", "batching.publish"},
+    "batching.client": SHARED | {"batching.publish"},
+    "batching.publish": SHARED | {"batching.store"},
+    "batching.listener": SHARED,
+    "batching.aio": SHARED | {"batching.publish", "batching.listener", "batching.store"},
     "batching.batcher": SHARED,
     "batching.redis_server": {"batching.errors"},
     "batching.ops": SHARED | {"batching.store"},
@@ -147,8 +150,9 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(batching.__all__) == [
         "BatchResultError", "BatchSettings", "BatchedTask", "Batcher", "BatcherStopped", "BatchingError",
         "BrokerError", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
-        "MissingArgumentError", "QueueStatus", "ResultEncodeError", "UnexpectedArgumentError", "__version__",
-        "batched", "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead", "submit_many",
+        "MissingArgumentError", "QueueFull", "QueueStatus", "RequestAbandoned", "ResultBackendError",
+        "ResultEncodeError", "UnexpectedArgumentError", "__version__", "aio", "batched", "gather", "list_dead",
+        "purge_dead", "queue_status", "requeue_dead", "submit_many",
     ]
     assert all(hasattr(batching, name) for name in batching.__all__)
 

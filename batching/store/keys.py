@@ -50,12 +50,15 @@ class QueueKeys:
     deliveries: str = field(init=False)
     #: Sorted set: consumer id -> last heartbeat (unix seconds), for status and liveness.
     consumers: str = field(init=False)
-    #: Hash of counters: ``size:<n>`` batches of n requests run, ``requests`` in all.
+    #: Hash of counters: ``size:<n>`` batches of n requests run, ``requests`` in all; ``drain:*`` fields hold
+    #: the drain rate measured by admission (``admit.lua``).
     stats: str = field(init=False)
+    #: Sorted set: task id -> when its caller stopped waiting (unix seconds); trimmed by age, expires when idle.
+    abandoned: str = field(init=False)
 
     def __post_init__(self) -> None:
         # Built once: the consumer reads them on every claim.
-        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats"):
+        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats", "abandoned"):
             object.__setattr__(self, kind, f"{self.prefix}{NAMESPACE}:{kind}:{self.queue}")
 
     def claim(self, claim_id: str) -> str:

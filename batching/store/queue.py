@@ -38,6 +38,8 @@ class Claim:
     next_eta: float | None = None
     #: How many times the (single) message of this claim was handed out before without finishing.
     redelivered: int = 0
+    #: Whether some caller of this queue gave up waiting lately: only then are claimed ids looked up.
+    abandonments: bool = False
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -103,16 +105,24 @@ class QueueStore:
         now = time.time()
         k = self.keys
         reply = self._claim(
-            keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, *k.lists],
+            keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, k.abandoned, *k.lists],
             args=[count, into.claim_id, now + self.lease_s, now, len(into.raws)],
         )
         into.next_eta = float(reply[0]) if reply[0] else None
-        taken = reply[2:]
+        into.abandonments = bool(int(reply[2]))
+        taken = reply[3:]
         if taken and int(reply[1]) and into.raws:
             raise AssertionError("claim.lua returned a redelivered message into a non-empty claim")
         into.redelivered = int(reply[1])
         into.raws.extend(taken)
         return len(taken)
+
+    def abandoned_among(self, task_ids: list[str]) -> set[str]:
+        """Those of ``task_ids`` whose caller gave up waiting (one ZMSCORE)."""
+        if not task_ids:
+            return set()
+        scores = self.client.zmscore(self.keys.abandoned, task_ids)
+        return {task_id for task_id, score in zip(task_ids, scores, strict=True) if score is not None}
 
     def wait(self, timeout_s: float) -> None:
         """Block until the default list has a message or ``timeout_s`` passes, without taking anything.

@@ -211,7 +211,9 @@ class BatchConsumer:
         before = len(claim.raws)
         taken = self._require_store().claim(claim, missing)
         if taken:
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+            # Abandoned ids are looked up (one ZMSCORE) only while some caller of this queue gave up lately.
+            lookup = self._require_store().abandoned_among if claim.abandonments else None
+            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time(), lookup)
         return taken
 
     def _hand_off(self, batch: Batch) -> None:

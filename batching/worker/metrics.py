@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..errors import RequestAbandoned
 from ..store.snapshot import status_of
 from .batch import Outcome
 
@@ -59,7 +60,7 @@ class Metrics:
         counts: dict[str, int] = {}
         wait = self.queue_wait.labels(task)
         for o in outcomes:
-            label = _OUTCOME.get(o.state, o.state.lower())
+            label = "abandoned" if isinstance(o.value, RequestAbandoned) else _OUTCOME.get(o.state, o.state.lower())
             counts[label] = counts.get(label, 0) + 1
             sent_at = getattr(o.request, "sent_at", None)
             if sent_at is not None and claimed_at:

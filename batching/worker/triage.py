@@ -2,20 +2,21 @@
 
 Pure decisions over decoded messages (the revoked set and the clock are passed in), so every rule is unit-tested
 without Redis: undecodable messages fail (task id readable) or are dead-lettered (not), messages for another
-task fail, expired and revoked ones are REVOKED, future ETAs are parked, everything else joins the batch.
+task fail, expired and revoked ones are REVOKED (so are those whose caller gave up waiting: ``RequestAbandoned``),
+future ETAs are parked, everything else joins the batch.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Container
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass
 
 from celery import states
 from celery.exceptions import TaskRevokedError
 
 from ..codec import Request, Undecodable, decode
-from ..errors import MessageError
+from ..errors import MessageError, RequestAbandoned
 from .batch import Batch, Item, Outcome
 from .request import TaskRequest
 
@@ -23,6 +24,8 @@ from .request import TaskRequest
 #: ``correlation_id``, the task id) after the body, so the tail of the envelope holds it.
 _CORRELATION_ID = re.compile(rb'"correlation_id":\s*"([0-9A-Za-z_.:-]{1,200})"')
 _TAIL_BYTES = 8192
+#: The stored reason of a request whose caller stopped waiting before a consumer claimed it.
+ABANDONED = "abandoned: its caller stopped waiting (timed out or cancelled) before it was claimed; it never ran"
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,21 @@ class Rules:
     ignore_result: bool = False
 
 
-def triage(batch: Batch, raws: list[bytes], rules: Rules, revoked: Container[str], now: float) -> None:
-    """Sort newly claimed ``raws`` into ``batch``."""
+def triage(
+    batch: Batch, raws: list[bytes], rules: Rules, revoked: Container[str], now: float,
+    abandoned: Callable[[list[str]], Container[str]] | None = None,
+) -> None:
+    """Sort newly claimed ``raws`` into ``batch``.
+
+    ``abandoned``, given only when some caller of the queue gave up lately, looks the claimed ids up at once.
+    """
     if not batch.claimed_at:
         batch.claimed_at = now
-    for raw in raws:
-        item = _decode(raw, rules)
+    decoded = [_decode(raw, rules) for raw in raws]
+    gave_up: Container[str] = ()
+    if abandoned is not None:
+        gave_up = abandoned([d.id for d in decoded if not isinstance(d, Undecodable)])
+    for raw, item in zip(raws, decoded, strict=True):
         if isinstance(item, Undecodable):
             if item.task_id is not None:
                 batch.settled.append(Outcome.failure(item.task_id, item.error))
@@ -57,6 +69,8 @@ def triage(batch: Batch, raws: list[bytes], rules: Rules, revoked: Container[str
             batch.settled.append(Outcome.failure(item.id, error, request))
         elif item.id in revoked:
             batch.settled.append(Outcome(item.id, states.REVOKED, TaskRevokedError("revoked"), request))
+        elif item.id in gave_up:
+            batch.settled.append(Outcome(item.id, states.REVOKED, RequestAbandoned(ABANDONED), request))
         elif item.expires is not None and item.expires <= now:
             batch.settled.append(Outcome(item.id, states.REVOKED, TaskRevokedError("expired"), request))
         elif item.eta is not None and item.eta > now:

@@ -95,3 +95,23 @@ def flaky(x):
 @batched(app, batch_size=8, max_delay=0.02, autoretry_for=(Flaky,), max_retries=1, default_retry_delay=0.1)
 def hopeless(x):
     return [Flaky(f"never works: {v}") for v in x]
+
+
+#: The bound of ``bounded``'s queue: the admission tests fill it from many clients at once.
+BOUND = 40
+
+
+@batched(app, batch_size=16, max_delay=0.0, max_queue_size=BOUND)
+def bounded(x):
+    """Records every input it runs, so tests can tell what reached the model and what never did."""
+    R.rpush("shop:bounded_ran", *x)
+    return [v * 10 for v in x]
+
+
+@batched(app, batch_size=4, max_delay=0.0)
+def sleepy(x):
+    """Takes long enough for a caller to give up while it runs."""
+    import time
+
+    time.sleep(1.0)
+    return list(x)

@@ -4,7 +4,8 @@
 -- KEYS[2]  this claim's list (source list, raw message, source list, raw message, ...)
 -- KEYS[3]  delayed sorted set (raw message -> ETA)
 -- KEYS[4]  deliveries hash (sha1 of raw message -> times it was handed out before and not finished)
--- KEYS[5…] the queue's lists, highest priority first; KEYS[5] is the default-priority list
+-- KEYS[5]  abandoned sorted set (task id -> when its caller gave up); only its existence is read here
+-- KEYS[6…] the queue's lists, highest priority first; KEYS[6] is the default-priority list
 -- ARGV[1]  N, the most messages to take
 -- ARGV[2]  claim id
 -- ARGV[3]  lease deadline (unix seconds)
@@ -17,22 +18,24 @@
 -- delivered before and never finished (its consumer died) is claimed alone: if it is what kills consumers, it takes
 -- no innocent neighbours down with it, and its delivery count rises alone until it is dead-lettered. A top-up of a
 -- claim that already holds messages therefore stops before it and leaves it first in line.
--- Returns: { next ETA still pending or "", redelivered count of the first message, raw1, raw2, ... }, oldest first.
+-- Returns: { next ETA still pending or "", redelivered count of the first message, 1 if any request of the queue
+-- was abandoned by its caller lately (the consumer then looks the claimed ids up) else 0, raw1, raw2, ... },
+-- oldest first.
 
 local n = tonumber(ARGV[1])
 local held = tonumber(ARGV[5] or '0')
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, n)
 -- latest ETA first, so that the one due longest ends up at the right end, served next
 for k = #due, 1, -1 do
-  redis.call('RPUSH', KEYS[5], due[k])
+  redis.call('RPUSH', KEYS[6], due[k])
   redis.call('ZREM', KEYS[3], due[k])
 end
 
 local tracked = redis.call('EXISTS', KEYS[4]) == 1
-local out = { '', 0 }
+local out = { '', 0, redis.call('EXISTS', KEYS[5]) }
 local taken = 0
 local stop = false
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   if taken >= n or stop then break end
   local got = redis.call('RPOP', KEYS[i], n - taken)
   if got then

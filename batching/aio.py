@@ -1,0 +1,262 @@
+"""asyncio-native sending and waiting, on ``redis.asyncio``: no thread per waiting request.
+
+::
+
+    result = await batching.aio.submit(predict, text="hello")       # the message .delay() sends; never blocks
+    value = await batching.aio.wait(result, timeout=30)               # the value, or the task's own exception
+    values = await batching.aio.gather(results, timeout=30)           # all of them, in order
+
+Every waiter of an event loop shares one pub/sub connection (``listener.ResultListener``) and every sender one
+command connection, per Redis; ``close()`` releases the running loop's. A waiter that times out or is cancelled
+marks its request *abandoned* in Redis (unless ``abandon=False``): a batched request no consumer has claimed yet
+then ends REVOKED with ``RequestAbandoned`` and never reaches the model; one already running is stored as usual.
+Works with any task whose result backend is Redis, batched or plain (abandonment applies to batched tasks only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio
+from celery.result import AsyncResult
+
+from .errors import BrokerError, QueueFull, ResultBackendError
+from .listener import RECONNECT_ERRORS, ResultListener
+from .publish import Admission, Message, build, published, queue_keys, tag
+from .store.keys import QueueKeys
+from .store.lua import source
+
+__all__ = ["QueueFull", "close", "gather", "submit", "wait"]
+
+#: Seconds an abandonment is remembered: a request still queued longer than this after its caller gave up runs.
+ABANDONED_TTL_S = 600
+#: Most abandonments remembered per queue (the oldest are dropped first).
+ABANDONED_MAX = 100_000
+
+_FINAL_FAILURES = ("FAILURE", "REVOKED")
+
+
+async def submit(task: Any, *args: Any, **kwargs: Any) -> AsyncResult:
+    """Send one request of ``task`` without blocking the loop; returns its ``AsyncResult``.
+
+    The message is the one ``task.delay(*args, **kwargs)`` sends (same headers and signals); arguments are bound
+    and checked first (``TypeError``). With the task's ``max_queue_size``, raises ``QueueFull`` and stores nothing
+    when the queue is full.
+    """
+    batching = getattr(task, "batching", None)
+    if batching is not None:
+        args, kwargs = (), batching.spec.bind(tuple(args), dict(kwargs))
+    elif task.typing:
+        task.__header__(*args, **kwargs)  # Celery's own argument check, as apply_async does
+    broker = await _broker(task.app)
+    message = build(task, broker.channel, args, kwargs, reply_to=task.app.thread_oid)
+    limit = batching.max_queue_size if batching is not None else None
+    if limit is None:
+        await broker.client.lpush(broker.prefix + message.key, message.raw)
+    else:
+        await broker.admit(task, message, limit)
+    published(task, message)
+    return tag(task.AsyncResult(message.task_id), task)
+
+
+async def wait(result: AsyncResult, timeout: float | None = None, propagate: bool = True, *,
+               abandon: bool = True) -> Any:
+    """The value of ``result`` once the task finishes; with ``propagate``, its exception, with its own type.
+
+    Raises ``TimeoutError`` after ``timeout`` seconds. On timeout or cancellation the request is marked abandoned
+    (see the module's docstring) unless ``abandon`` is False.
+    """
+    (value,) = await gather([result], timeout=timeout, propagate=propagate, abandon=abandon)
+    return value
+
+
+async def gather(results: Sequence[AsyncResult], timeout: float | None = None, propagate: bool = True, *,
+                 abandon: bool = True) -> list[Any]:
+    """The values of ``results``, in order, once all are ready; see ``wait``.
+
+    With ``propagate`` the first failure in order is raised; otherwise exceptions take their results' places.
+    """
+    if not results:
+        return []
+    backend = _redis_backend(results[0])
+    listener = _state().listener(results[0].app, backend)
+    keys = [backend.get_key_for_task(r.id) for r in results]
+    futures = [listener.add(key) for key in keys]
+    try:
+        # asyncio.wait neither cancels the futures on timeout nor when this coroutine is cancelled: what is still
+        # pending afterwards is exactly what was not ready.
+        _, pending = await asyncio.wait(futures, timeout=timeout)
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(results)} result(s) not ready after {timeout}s")
+        metas = [f.result() for f in futures]
+    except (TimeoutError, asyncio.CancelledError):
+        unfinished = [r for r, f in zip(results, futures, strict=True) if not f.done()]
+        if abandon and unfinished:
+            await asyncio.shield(_abandon(unfinished))
+        raise
+    finally:
+        for key, future in zip(keys, futures, strict=True):
+            listener.discard(key, future)
+    out = []
+    for meta in metas:
+        if meta["status"] in _FINAL_FAILURES:
+            error = backend.exception_to_python(meta["result"])
+            if propagate:
+                raise error
+            out.append(error)
+        else:
+            out.append(meta["result"])
+    return out
+
+
+async def close() -> None:
+    """Close the running loop's connections (a web app's shutdown); the next call opens new ones."""
+    state = _states.pop(asyncio.get_running_loop(), None)
+    if state is not None:
+        await state.aclose()
+
+
+# -- per-loop connections ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Broker:
+    """The running loop's command connection to an app's broker, and a kombu channel to build messages with."""
+
+    client: redis.asyncio.Redis
+    channel: Any
+    prefix: str
+    script: Any = None
+
+    async def admit(self, task: Any, message: Message, limit: int) -> None:
+        admission = Admission(queue_keys(task, self.channel), limit)
+        keys, args = admission.arguments([message])
+        if self.script is None:
+            self.script = self.client.register_script(source(Admission.SCRIPT))
+        admission.check(await self.script(keys=keys, args=args), 1)
+
+
+@dataclass
+class _LoopState:
+    brokers: dict[int, _Broker] = field(default_factory=dict)
+    listeners: dict[int, ResultListener] = field(default_factory=dict)
+
+    def listener(self, app: Any, backend: Any) -> ResultListener:
+        found = self.listeners.get(id(app))
+        if found is None:
+            client = redis.asyncio.Redis(**_async_params(backend.connparams, f"result backend {backend.url!r}"))
+            found = self.listeners[id(app)] = ResultListener(client, backend.decode_result)
+        return found
+
+    async def aclose(self) -> None:
+        for listener in self.listeners.values():
+            await listener.aclose()
+        for broker in self.brokers.values():
+            await broker.client.aclose()
+
+
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
+
+
+def _state() -> _LoopState:
+    loop = asyncio.get_running_loop()
+    state = _states.get(loop)
+    if state is None:
+        state = _states[loop] = _LoopState()
+    return state
+
+
+async def _broker(app: Any) -> _Broker:
+    state = _state()
+    found = state.brokers.get(id(app))
+    if found is None:
+        channel = await asyncio.to_thread(_channel, app)  # kombu connects (and pings) synchronously: once
+        found = state.brokers.get(id(app))  # another task of this loop may have got there first
+        if found is None:
+            params = _async_params(dict(channel.pool.connection_kwargs), f"broker {channel.connection.client.as_uri()}")
+            found = state.brokers[id(app)] = _Broker(
+                redis.asyncio.Redis(**params), channel, channel.global_keyprefix or ""
+            )
+    return found
+
+
+_channels: dict[int, Any] = {}
+_channels_lock = threading.Lock()
+
+
+def _channel(app: Any) -> Any:
+    """One kombu Redis channel per app and process, used only to build messages (no I/O after it is opened)."""
+    with _channels_lock:
+        found = _channels.get(id(app))
+        if found is None:
+            connection = app.connection_for_write()
+            if connection.transport.driver_type != "redis":
+                raise BrokerError(f"batching.aio needs a Redis broker; this app's broker is "
+                                  f"{connection.transport.driver_type!r} ({connection.as_uri()})")
+            found = _channels[id(app)] = connection.default_channel
+        return found
+
+
+#: redis-py connection settings that mean the same to ``redis.asyncio``.
+_ASYNC_PARAMS = ("host", "port", "db", "username", "password", "socket_timeout", "socket_connect_timeout",
+                 "socket_keepalive", "socket_keepalive_options", "health_check_interval", "client_name",
+                 "credential_provider", "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs",
+                 "ssl_check_hostname")
+
+
+def _async_params(params: dict[str, Any], what: str) -> dict[str, Any]:
+    """``redis.asyncio.Redis`` arguments for the sync redis-py connection settings Celery and kombu build."""
+    cls = params.get("connection_class")
+    out = {k: v for k, v in params.items() if k in _ASYNC_PARAMS and v is not None}
+    if cls is not None and issubclass(cls, redis.UnixDomainSocketConnection):
+        out = {k: v for k, v in out.items() if k not in ("host", "port")}
+        out["unix_socket_path"] = params["path"]
+    elif cls is not None and issubclass(cls, redis.SSLConnection):
+        out["ssl"] = True
+    elif cls is not None and cls is not redis.Connection:
+        raise ResultBackendError(f"batching.aio cannot open {what}: connection class {cls.__name__} is not supported")
+    return out
+
+
+def _redis_backend(result: AsyncResult) -> Any:
+    from celery.backends.redis import RedisBackend, SentinelBackend
+
+    backend = result.backend
+    if not isinstance(backend, RedisBackend) or isinstance(backend, SentinelBackend):
+        raise ResultBackendError(
+            f"batching.aio waits on a Redis result backend; this app's result backend is "
+            f"{type(backend).__module__}.{type(backend).__name__} ({result.app.conf.result_backend!r})"
+        )
+    return backend
+
+
+async def _abandon(results: Sequence[AsyncResult]) -> None:
+    """Mark batched requests abandoned: their consumers settle them REVOKED unless already claimed."""
+    by_queue: dict[str, list[str]] = {}
+    app = results[0].app
+    for r in results:
+        queue = getattr(r, "batching_queue", None)  # set when it was sent; not on a result rebuilt from its id
+        if queue is not None:
+            by_queue.setdefault(queue, []).append(r.id)
+    if not by_queue:
+        return
+    broker = await _broker(app)
+    now = time.time()
+    try:
+        async with broker.client.pipeline(transaction=False) as pipe:
+            for queue, ids in by_queue.items():
+                key = QueueKeys(queue, prefix=broker.prefix).abandoned
+                pipe.zadd(key, dict.fromkeys(ids, now))
+                pipe.zremrangebyscore(key, "-inf", now - ABANDONED_TTL_S)
+                pipe.zremrangebyrank(key, 0, -ABANDONED_MAX - 1)
+                pipe.expire(key, ABANDONED_TTL_S)
+            await pipe.execute()
+    except RECONNECT_ERRORS:
+        pass  # Redis is unreachable: the request simply runs, as it would have without abandonment
