@@ -205,9 +205,14 @@ def test_requests_whose_callers_gave_up_never_run_and_end_revoked(shop, rclient,
     assert [r.get(timeout=30) for r in kept] == [200, 210]
     assert sorted(int(x) for x in rclient.lrange("shop:bounded_ran", 0, -1)) == [20, 21]  # only those ran
     task = (("task", shop.bounded.name),)
-    metrics = poll_until(lambda: (m := scrape(port)).get(("batching_items_total", (("outcome", "abandoned"), *task)))
-                         and m, 10, "the abandoned items in the metrics")
-    assert metrics[("batching_items_total", (("outcome", "abandoned"), *task))] == 5
+    abandoned_total = ("batching_items_total", (("outcome", "abandoned"), *task))
+
+    def counted() -> dict[tuple[str, tuple], float] | None:
+        m = scrape(port)
+        return m if m.get(abandoned_total) else None
+
+    metrics = poll_until(counted, 10, "the abandoned items in the metrics")
+    assert metrics[abandoned_total] == 5
     assert metrics[("batching_items_total", (("outcome", "succeeded"), *task))] == 2
 
 
