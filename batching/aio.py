@@ -40,6 +40,9 @@ ABANDONED_TTL_S = 600
 #: Most abandonments remembered per queue (the oldest are dropped first).
 ABANDONED_MAX = 100_000
 
+#: Connections per loop to the broker (sends share pipelines, abandonments take one each).
+BROKER_CONNECTIONS = 8
+
 _FINAL_FAILURES = ("FAILURE", "REVOKED")
 
 
@@ -59,7 +62,7 @@ async def submit(task: Any, *args: Any, **kwargs: Any) -> AsyncResult:
     message = build(task, broker.channel, args, kwargs, reply_to=task.app.thread_oid)
     limit = batching.max_queue_size if batching is not None else None
     if limit is None:
-        await broker.client.lpush(broker.prefix + message.key, message.raw)
+        await broker.push(message)
     else:
         await broker.admit(task, message, limit)
     published(task, message)
@@ -128,38 +131,85 @@ async def close() -> None:
 
 @dataclass
 class _Broker:
-    """The running loop's command connection to an app's broker, and a kombu channel to build messages with."""
+    """The running loop's command connection to an app's broker, and a kombu channel to build messages with.
+
+    Concurrent sends share pipelines: while one round trip is in flight the next sends queue up, and go together
+    in the next one — a thousand requests arriving at once cost a handful of round trips and connections, not a
+    thousand. Each message is still pushed (or admitted) on its own.
+    """
 
     client: redis.asyncio.Redis
     channel: Any
     prefix: str
     script: Any = None
+    _queued: list[tuple[Any, asyncio.Future[Any]]] = field(default_factory=list)
+    _flusher: asyncio.Task[None] | None = None
+
+    async def push(self, message: Message) -> None:
+        key = self.prefix + message.key
+        await self._send(lambda pipe: pipe.lpush(key, message.raw))
 
     async def admit(self, task: Any, message: Message, limit: int) -> None:
         admission = Admission(queue_keys(task, self.channel), limit)
         keys, args = admission.arguments([message])
         if self.script is None:
             self.script = self.client.register_script(source(Admission.SCRIPT))
-        admission.check(await self.script(keys=keys, args=args), 1)
+        script = self.script
+        admission.check(await self._send(lambda pipe: script(keys=keys, args=args, client=pipe)), 1)
+
+    async def _send(self, queue_on: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((queue_on, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for queue_on, _ in batch:
+                            await queue_on(pipe)
+                        replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), reply in zip(batch, replies, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self._flusher = None
 
 
 @dataclass
 class _LoopState:
-    brokers: dict[int, _Broker] = field(default_factory=dict)
+    brokers: dict[int, asyncio.Future[_Broker]] = field(default_factory=dict)
     listeners: dict[int, ResultListener] = field(default_factory=dict)
 
     def listener(self, app: Any, backend: Any) -> ResultListener:
         found = self.listeners.get(id(app))
         if found is None:
-            client = redis.asyncio.Redis(**_async_params(backend.connparams, f"result backend {backend.url!r}"))
+            pool = _async_pool(backend.connparams, f"result backend {backend.url!r}")
+            client = redis.asyncio.Redis.from_pool(pool)  # owns the pool: aclose() closes it
             found = self.listeners[id(app)] = ResultListener(client, backend.decode_result)
         return found
 
     async def aclose(self) -> None:
         for listener in self.listeners.values():
             await listener.aclose()
-        for broker in self.brokers.values():
-            await broker.client.aclose()
+        for opening in self.brokers.values():
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                await opening.result().client.aclose()
+            else:
+                opening.cancel()
 
 
 _states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -175,16 +225,24 @@ def _state() -> _LoopState:
 
 async def _broker(app: Any) -> _Broker:
     state = _state()
-    found = state.brokers.get(id(app))
-    if found is None:
-        channel = await asyncio.to_thread(_channel, app)  # kombu connects (and pings) synchronously: once
-        found = state.brokers.get(id(app))  # another task of this loop may have got there first
-        if found is None:
-            params = _async_params(dict(channel.pool.connection_kwargs), f"broker {channel.connection.client.as_uri()}")
-            found = state.brokers[id(app)] = _Broker(
-                redis.asyncio.Redis(**params), channel, channel.global_keyprefix or ""
-            )
-    return found
+    opening = state.brokers.get(id(app))
+    if opening is None:  # the first sender of this loop opens it; the others await the same future
+        opening = state.brokers[id(app)] = asyncio.ensure_future(_open_broker(app))
+    try:
+        return await asyncio.shield(opening)
+    except BaseException:
+        if opening.done() and (opening.cancelled() or opening.exception() is not None):
+            state.brokers.pop(id(app), None)  # try again next time
+        raise
+
+
+async def _open_broker(app: Any) -> _Broker:
+    channel = await asyncio.to_thread(_channel, app)  # kombu connects (and pings) synchronously: once
+    # A few connections, waited for when all are busy: concurrent sends share their pipelines anyway. The client
+    # owns the pool (from_pool): aclose() closes it.
+    pool = _async_pool(dict(channel.pool.connection_kwargs), f"broker {channel.connection.client.as_uri()}",
+                       BROKER_CONNECTIONS)
+    return _Broker(redis.asyncio.Redis.from_pool(pool), channel, channel.global_keyprefix or "")
 
 
 _channels: dict[int, Any] = {}
@@ -204,25 +262,28 @@ def _channel(app: Any) -> Any:
         return found
 
 
-#: redis-py connection settings that mean the same to ``redis.asyncio``.
+#: redis-py connection settings that mean the same to ``redis.asyncio``'s connections.
 _ASYNC_PARAMS = ("host", "port", "db", "username", "password", "socket_timeout", "socket_connect_timeout",
                  "socket_keepalive", "socket_keepalive_options", "health_check_interval", "client_name",
                  "credential_provider", "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs",
                  "ssl_check_hostname")
 
 
-def _async_params(params: dict[str, Any], what: str) -> dict[str, Any]:
-    """``redis.asyncio.Redis`` arguments for the sync redis-py connection settings Celery and kombu build."""
+def _async_pool(params: dict[str, Any], what: str, max_connections: int | None = None) -> Any:
+    """A ``redis.asyncio`` pool with the sync redis-py connection settings Celery and kombu build; with
+    ``max_connections``, callers wait for a free connection instead of failing."""
     cls = params.get("connection_class")
-    out = {k: v for k, v in params.items() if k in _ASYNC_PARAMS and v is not None}
+    out: dict[str, Any] = {k: v for k, v in params.items() if k in _ASYNC_PARAMS and v is not None}
     if cls is not None and issubclass(cls, redis.UnixDomainSocketConnection):
         out = {k: v for k, v in out.items() if k not in ("host", "port")}
-        out["unix_socket_path"] = params["path"]
+        out.update(connection_class=redis.asyncio.UnixDomainSocketConnection, path=params["path"])
     elif cls is not None and issubclass(cls, redis.SSLConnection):
-        out["ssl"] = True
+        out["connection_class"] = redis.asyncio.SSLConnection
     elif cls is not None and cls is not redis.Connection:
         raise ResultBackendError(f"batching.aio cannot open {what}: connection class {cls.__name__} is not supported")
-    return out
+    if max_connections is None:
+        return redis.asyncio.ConnectionPool(**out)
+    return redis.asyncio.BlockingConnectionPool(max_connections=max_connections, timeout=None, **out)
 
 
 def _redis_backend(result: AsyncResult) -> Any:

@@ -34,6 +34,8 @@ RECONNECT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 COMMAND_CHUNK = 1000
 #: Backoff between reconnection attempts, doubling (seconds).
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0
+#: Seconds each step of closing may take.
+CLOSE_TIMEOUT_S = 2.0
 
 
 class ResultListener:
@@ -130,10 +132,11 @@ class ResultListener:
             self._connected.set()
         while self._check:
             # Confirmed subscriptions: a result stored before the confirmation is here, later ones are published.
-            keys = [k for k in self._check if k in self.waiters]
-            self._check.clear()
-            for chunk in _chunks(keys):
-                for key, raw in zip(chunk, await self.client.mget(chunk), strict=True):
+            self._check.intersection_update(self.waiters)
+            for chunk in _chunks(list(self._check)):
+                values = await self.client.mget(chunk)
+                self._check.difference_update(chunk)  # only once looked up: a failed MGET is tried again
+                for key, raw in zip(chunk, values, strict=True):
                     if raw is not None:
                         self._deliver(key, raw)  # type: ignore[arg-type]
 
@@ -190,13 +193,12 @@ class ResultListener:
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, *RECONNECT_ERRORS):
-                await task
-        with contextlib.suppress(*RECONNECT_ERRORS):
-            await self.pubsub.aclose()
-        with contextlib.suppress(*RECONNECT_ERRORS):
-            await self.client.aclose()
+        await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_S)
+        for closing in (self.pubsub.aclose, self.client.aclose):
+            # Bounded: closing must not hang on a Redis that is gone.
+            with contextlib.suppress(TimeoutError, *RECONNECT_ERRORS):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await closing()
 
 
 def _chunks(keys: list[bytes]) -> list[list[bytes]]:

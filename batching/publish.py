@@ -43,6 +43,7 @@ class Message:
     list element, and what the after-publish signal needs."""
 
     task_id: str
+    queue: str
     key: str
     raw: bytes
     body: Any
@@ -94,10 +95,9 @@ def build(
     amqp = app.amqp
     kwargs = dict(kwargs or {})
     task_id = uuid()
-    queue = getattr(task, "batching", None)
-    queue_name = queue.queue if queue is not None else (task.queue or app.conf.task_default_queue)
     # The task's own defaults, as apply_async merges them (Celery reads them with the same getter).
     defaults = task._get_exec_options()
+    queue_name = queue_of(task, args, kwargs)
     if priority is None:
         priority = defaults.get("priority")
     if expires is None:
@@ -110,7 +110,7 @@ def build(
         time_limit=defaults.get("time_limit"), soft_time_limit=defaults.get("soft_time_limit"), **repr_kwargs,
     )
     headers, properties, body = message.headers, message.properties, message.body
-    if queue is not None:
+    if getattr(task, "batching", None) is not None:
         # BatchedTask.apply_async adds it: when the request was sent, for queue-wait metrics and the oldest age.
         headers["sent_at"] = time.time()
     if send_signal:
@@ -132,16 +132,24 @@ def build(
         properties["expiration"] = str(int(max(expires, 0) * 1000))
     envelope = channel.prepare_message(data, priority or 0, content_type, content_encoding, headers, properties)
     key, raw = route(channel, envelope, queue_name)
-    return Message(task_id, key, raw, body, headers)
+    return Message(task_id, queue_name, key, raw, body, headers)
 
 
 def published(task: Any, message: Message) -> None:
     """Send ``after_task_publish`` for a stored message, as Celery does after its publish."""
-    queue = getattr(task, "batching", None)
     signals.after_task_publish.send(
-        sender=task.name, body=message.body, headers=message.headers, exchange="",
-        routing_key=queue.queue if queue is not None else (task.queue or task.app.conf.task_default_queue),
+        sender=task.name, body=message.body, headers=message.headers, exchange="", routing_key=message.queue,
     )
+
+
+def queue_of(task: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> str:
+    """The queue a message of ``task`` goes to: a batched task's own, or where Celery's router sends a plain one."""
+    batching = getattr(task, "batching", None)
+    if batching is not None:
+        return str(batching.queue)
+    options = {k: v for k, v in task._get_exec_options().items() if v is not None}
+    queue = task.app.amqp.router.route(options, task.name, args, kwargs, task).get("queue")
+    return str(getattr(queue, "name", queue) or task.app.conf.task_default_queue)
 
 
 def tag(result: Any, task: Any) -> Any:
@@ -257,7 +265,7 @@ class _AdmitOne:
         task_id = envelope["properties"].get("correlation_id", "")
         admission = Admission(queue_keys(self.task, channel), self.task.batching.max_queue_size)
         try:
-            admission.push(sync_client(channel.pool), [Message(task_id, key, raw, None, {})])
+            admission.push(sync_client(channel.pool), [Message(task_id, self.task.batching.queue, key, raw, None, {})])
         except QueueFull:
             consumer = getattr(self.task.backend, "result_consumer", None)
             if consumer is not None and hasattr(consumer, "cancel_for"):
