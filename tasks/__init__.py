@@ -6,6 +6,7 @@ Run a worker with ``celery -A tasks worker`` (or ``python worker.py``); call ``p
 from __future__ import annotations
 
 import functools
+import os
 
 from celery import Celery
 
@@ -24,7 +25,12 @@ def _model() -> SentimentModel:
     return SentimentModel()
 
 
-@batched(app, batch_size=64, max_delay=0.0)
+#: Requests that may wait in predict's queue: past it, sends raise QueueFull and the web app answers 429, rather than
+#: piling work into Redis until its memory runs out. Read once, at import, like REDIS_URL.
+MAX_QUEUE_SIZE = int(os.environ.get("PREDICT_MAX_QUEUE_SIZE", "10000"))
+
+
+@batched(app, batch_size=64, max_delay=0.0, max_queue_size=MAX_QUEUE_SIZE)
 def predict(text: list[str], scale: list[float] = 1.0) -> list[float]:  # type: ignore[assignment]
     """Probability that each text is positive, times its ``scale``: one forward pass per batch."""
     return _model().run_batch(text, scale)

@@ -1,37 +1,40 @@
-"""HTTP front for the example app: each ``POST /predict`` is one ``predict.delay(...)``, answered with its result.
+"""HTTP front for the example app: each ``POST /predict`` sends one request and awaits its result on the event loop.
 
-Run with ``uvicorn tasks.web:app``. The result is awaited in a thread, so the event loop keeps taking requests while
-earlier ones wait, and concurrent requests reach the worker together, which is what lets it batch them.
+Run with ``uvicorn tasks.web:app``. Built on ``batching.aio``: no thread per waiting request and no cap on requests in
+flight but the task's ``max_queue_size`` — every waiting request shares one Redis subscription, so a single web
+process can hold thousands, and they all reach the worker together, which is what fills its batches.
 
-Status codes: 200 with ``{"task_id", "result"}``; 422 for a body that does not validate (nothing is sent);
-502 when the task failed on the worker, with its error; 504 when no result came within the timeout, with the
-``task_id`` (the task may still run); ``GET /healthz`` is 503 while Redis does not answer a ping.
+Status codes: 200 with ``{"task_id", "result"}``; 422 for a body that does not validate (nothing is sent); 429 with
+``Retry-After`` when the task's queue is full (nothing is sent); 502 when the task failed on the worker, with its
+error; 504 when no result came within the timeout, with the ``task_id``. A request that times out, or whose client
+disconnects, is abandoned: if no worker has taken it yet, it never runs. ``GET /healthz`` is 503 while Redis does
+not answer a ping.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route's body type from its annotation, and in
 # create_app that annotation is a local variable, which a string annotation could not be resolved to.
 
-import functools
+import asyncio
+import contextlib
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import redis.asyncio
 from celery import Task, states
-from celery.exceptions import TimeoutError as ResultTimeoutError
-from fastapi import FastAPI, HTTPException, Request
+from celery.exceptions import TaskRevokedError
+from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
+
+import batching.aio
+from batching import QueueFull
 
 from . import predict
 
 #: Seconds a request waits for its task's result before the answer is 504.
 DEFAULT_TIMEOUT_S = 30.0
-#: Requests waiting for results at once, per web process. Each holds a thread with its own Redis result
-#: subscription; more requests queue for a thread. Keep it at least the task's batch_size, or batches stay small.
-DEFAULT_MAX_IN_FLIGHT = 64
 #: Seconds /healthz waits for Redis to connect and answer.
 HEALTH_TIMEOUT_S = 2.0
 
@@ -48,18 +51,12 @@ class TaskResponse(BaseModel):
     result: Any
 
 
-def create_app(
-    task: Task,
-    request_model: type[BaseModel] = PredictRequest,
-    *,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-) -> FastAPI:
+def create_app(task: Task, request_model: type[BaseModel] = PredictRequest, *,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> FastAPI:
     """A web app whose ``POST /predict`` validates its body with ``request_model`` and calls ``task`` with it."""
 
     @asynccontextmanager
     async def lifespan(web: FastAPI) -> AsyncIterator[None]:
-        web.state.threads = anyio.CapacityLimiter(max_in_flight)
         web.state.redis = redis.asyncio.Redis.from_url(
             task.app.conf.broker_url, socket_connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S
         )
@@ -67,18 +64,38 @@ def create_app(
             yield
         finally:
             await web.state.redis.aclose()
+            await batching.aio.close()
 
     web = FastAPI(title="celery-batching example", lifespan=lifespan)
 
     @web.post("/predict", response_model=TaskResponse)
-    async def predict_route(body: request_model, request: Request) -> TaskResponse:  # type: ignore[valid-type]
-        call = functools.partial(_call, task, body.model_dump(), timeout_s)  # type: ignore[attr-defined]
-        task_id, state, value = await anyio.to_thread.run_sync(call, limiter=request.app.state.threads)
-        if state == states.SUCCESS:
-            return TaskResponse(task_id=task_id, result=value)
-        if state is None:
-            raise HTTPException(504, {"task_id": task_id, "error": f"no result within {timeout_s:g}s"})
-        raise HTTPException(502, {"task_id": task_id, "state": state, "error": _describe(value)})
+    async def predict_route(body: request_model, request: Request) -> Any:  # type: ignore[valid-type]
+        try:
+            result = await batching.aio.submit(task, **body.model_dump())  # type: ignore[attr-defined]
+        except QueueFull as exc:
+            raise HTTPException(429, {"error": str(exc), "depth": exc.depth},
+                                headers={"Retry-After": str(max(1, math.ceil(min(exc.retry_after, 3600))))}) from None
+        waiting = asyncio.ensure_future(batching.aio.wait(result, timeout=timeout_s, propagate=False))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not waiting.done():
+            # The client went away: cancelling the wait abandons the request, so it never reaches the model if no
+            # worker has taken it yet. Nobody reads this answer.
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            return Response(status_code=499)
+        try:
+            value = waiting.result()
+        except TimeoutError:
+            raise HTTPException(504, {"task_id": result.id, "error": f"no result within {timeout_s:g}s"}) from None
+        if isinstance(value, BaseException):
+            state = states.REVOKED if isinstance(value, TaskRevokedError) else states.FAILURE
+            raise HTTPException(502, {"task_id": result.id, "state": state, "error": _describe(value)})
+        return TaskResponse(task_id=result.id, result=value)
 
     @web.get("/healthz")
     async def healthz(request: Request) -> dict[str, str]:
@@ -91,20 +108,10 @@ def create_app(
     return web
 
 
-def _call(task: Task, kwargs: dict[str, Any], timeout_s: float) -> tuple[str, str | None, Any]:
-    """Send and wait, in one thread: Celery's Redis result consumer belongs to the thread that made the result.
-
-    Returns ``(task_id, state, value)``, with state ``None`` on timeout and the exception as value on failure.
-    """
-    result = task.delay(**kwargs)
-    try:
-        value = result.get(timeout=timeout_s, propagate=False)
-    except ResultTimeoutError:
-        # Unsubscribe now, from the thread that subscribed; left to AsyncResult.__del__, it would happen whenever
-        # the garbage collector runs, from any thread, on a connection this thread's backend may no longer hold.
-        result.backend.remove_pending_result(result)
-        return result.id, None, None
-    return result.id, result.state, value
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _describe(exc: Any) -> str:
