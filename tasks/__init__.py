@@ -28,9 +28,11 @@ def _model() -> SentimentModel:
 #: Requests that may wait in predict's queue: past it, sends raise QueueFull and the web app answers 429, rather than
 #: piling work into Redis until its memory runs out. Read once, at import, like REDIS_URL.
 MAX_QUEUE_SIZE = int(os.environ.get("PREDICT_MAX_QUEUE_SIZE", "10000"))
+#: Requests per batch (a worker setting; python -m bench.web lowers it to make the worker the bottleneck).
+BATCH_SIZE = int(os.environ.get("PREDICT_BATCH_SIZE", "64"))
 
 
-@batched(app, batch_size=64, max_delay=0.0, max_queue_size=MAX_QUEUE_SIZE)
+@batched(app, batch_size=BATCH_SIZE, max_delay=0.0, max_queue_size=MAX_QUEUE_SIZE)
 def predict(text: list[str], scale: list[float] = 1.0) -> list[float]:  # type: ignore[assignment]
     """Probability that each text is positive, times its ``scale``: one forward pass per batch."""
     return _model().run_batch(text, scale)
