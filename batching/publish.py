@@ -83,13 +83,12 @@ def build(
     reply_to: str = "",
     origin: str | None = None,
     fast_repr: bool = False,
-    send_signal: bool = True,
 ) -> Message:
     """One message of ``task`` with ``args``/``kwargs`` (already checked), as ``task.apply_async`` would send it.
 
     ``fast_repr`` replaces Celery's ``saferepr`` of the arguments (half the cost of a message) with a truncated
-    ``repr``, for bulk sends. ``before_task_publish`` is sent with the message's mutable headers, as Celery does,
-    unless ``send_signal`` is False; call ``published`` once the message is stored.
+    ``repr``, for bulk sends. ``before_task_publish`` is sent with the message's mutable headers, as Celery does;
+    call ``published`` once the message is stored.
     """
     app = task.app
     amqp = app.amqp
@@ -113,11 +112,10 @@ def build(
     if getattr(task, "batching", None) is not None:
         # BatchedTask.apply_async adds it: when the request was sent, for queue-wait metrics and the oldest age.
         headers["sent_at"] = time.time()
-    if send_signal:
-        signals.before_task_publish.send(
-            sender=task.name, body=body, exchange="", routing_key=queue_name, declare=[], headers=headers,
-            properties=properties, retry_policy=dict(app.conf.task_publish_retry_policy),
-        )
+    signals.before_task_publish.send(
+        sender=task.name, body=body, exchange="", routing_key=queue_name, declare=[], headers=headers,
+        properties=properties, retry_policy=dict(app.conf.task_publish_retry_policy),
+    )
     serializer = defaults.get("serializer") or app.conf.task_serializer
     content_type, content_encoding, data = dumps(body, serializer=serializer)
     compression = defaults.get("compression") or app.conf.task_compression
