@@ -3,7 +3,8 @@
 Closed loop (`--clients N`): N keep-alive connections, each sending its next request as soon as the previous one
 is answered, like wrk. Open loop (`--rate R`): requests start on a fixed schedule whatever the answers, each on an
 idle connection (a new one when none is idle), so a slow server cannot slow the offered load down. Both run for
-`--seconds`, then print one JSON line: per request its start (s since the run began), latency (s) and status (0
+`--warmup` and then `--seconds` (only the latter is kept: connections are open and warm when it starts), then print
+one JSON line: per request its start (s since the run began), latency (s) and status (0
 for a connection error). A raw client rather than an HTTP library: at a thousand connections the generator must
 not be what limits the rate on a two-core machine.
 """
@@ -127,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--path", default="/predict")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=0.0, help="closed loop: seconds run first, not reported")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--clients", type=int, help="closed loop with this many connections")
     mode.add_argument("--rate", type=float, help="open loop at this many requests per second")
     parser.add_argument("--max-connections", type=int, default=4096, help="open loop's connection limit")
     args = parser.parse_args(argv)
     if args.clients:
-        samples = asyncio.run(closed_loop(args.host, args.port, args.path, args.clients, args.seconds))
+        samples = asyncio.run(closed_loop(args.host, args.port, args.path, args.clients, args.warmup + args.seconds))
+        # Kept: what completed after the warm-up (start times shifted to it, so they may be negative).
+        samples = [(t - args.warmup, lat, st) for t, lat, st in samples if t + lat >= args.warmup]
     else:
         samples = asyncio.run(open_loop(args.host, args.port, args.path, args.rate, args.seconds,
                                         args.max_connections))

@@ -9,8 +9,8 @@ in its own process. Three ways of waiting, each at 64, 256 and 1024 concurrent c
   most 64 at once;
 - `to_thread`: `bench.tothread_web` — `delay()` + `await asyncio.to_thread(result.get)`.
 
-Each run: a short warm-up, then `--seconds` of load. Reported: requests/s (answered 200), p50/p99 latency of
-those, mean batch size (the consumers' own counters over the run), errors (any other answer or a broken
+Each run: a warm-up on open connections, then `--seconds` of load. Reported: requests/s (answered 200), p50/p99
+latency of those, mean batch size (the consumers' own counters over the run), errors (any other answer or a broken
 connection), and the web process's resident memory above its idle level, per request in flight. Then an overload
 run: the async app with `PREDICT_MAX_QUEUE_SIZE` set to half a second of drain, a slower worker (`bench.slow_worker`:
 the example model at batch 8 plus a 40 ms wait per batch, so that the worker is the bottleneck), an open-loop load
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -65,16 +66,21 @@ class WebBench:
                "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
         with running(cmd, env=env, log=log) as proc:
             _wait_up(port, proc, log)
-            self._load(port, clients, self.warmup_s, f"warm-{app}-{clients}")
-            idle_kib = memory_kib(proc.pid)["VmRSS"]  # after the warm-up: what is left is per request in flight
-            before = self._stats()
+            self._load(port, 16, 1.0, 0.0, f"warm-{app}-{clients}")  # every code path loaded
+            idle_kib = memory_kib(proc.pid)["VmRSS"]  # what the peak adds to this is per request in flight
             peak = _Sampler(lambda: memory_kib(proc.pid)["VmRSS"])
             with peak:
-                samples = self._load(port, clients, self.seconds, f"{app}-{clients}")
-            after = self._stats()
+                # One client process that warms up (connections open, batches forming), then is measured; the
+                # worker's counters are read around the measured part.
+                loadgen = self._start_load(port, clients, self.warmup_s, self.seconds, f"{app}-{clients}")
+                time.sleep(self.warmup_s)
+                before = self._stats()
+                time.sleep(self.seconds)
+                after = self._stats()
+                samples = self._finish_load(*loadgen)
         # Answers completed within the run: those still in flight at its end would inflate the rate by up to
         # clients / seconds.
-        ok = [lat for start, lat, status in samples if status == 200 and start + lat <= self.seconds]
+        ok = [lat for start, lat, status in samples if status == 200 and 0 <= start + lat <= self.seconds]
         duration = self.seconds
         batches = after[1] - before[1]
         return {
@@ -118,13 +124,32 @@ class WebBench:
             "redis_mib": [v / 2**20 for v in memory.values], "per_second": per_second,
         }
 
-    def _load(self, port: int, clients: int, seconds: float, name: str) -> list[tuple[float, float, int]]:
-        result = run_json(
-            [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--clients", str(clients),
-             "--seconds", str(seconds)],
-            env=self.env(), timeout_s=seconds + 120, log=self.logs / f"loadgen-{name}.log",
-        )
-        return [tuple(s) for s in result["samples"]]  # type: ignore[misc]
+    def _load(self, port: int, clients: int, seconds: float, warmup_s: float,
+              name: str) -> list[tuple[float, float, int]]:
+        return self._finish_load(*self._start_load(port, clients, warmup_s, seconds, name))
+
+    def _start_load(self, port: int, clients: int, warmup_s: float, seconds: float,
+                    name: str) -> tuple[subprocess.Popen[bytes], Path, float]:
+        log = self.logs / f"loadgen-{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--clients", str(clients),
+                 "--warmup", str(warmup_s), "--seconds", str(seconds)],
+                env=self.env(), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+            )
+        return proc, log, warmup_s + seconds + 120
+
+    def _finish_load(self, proc: subprocess.Popen[bytes], log: Path,
+                     timeout_s: float) -> list[tuple[float, float, int]]:
+        try:
+            stdout, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise BenchError(f"load generator timed out (log: {log})") from None
+        if proc.returncode != 0:
+            raise BenchError(f"load generator exited with {proc.returncode} (log: {log})")
+        return [tuple(s) for s in json.loads(stdout.decode().splitlines()[-1])["samples"]]  # type: ignore[misc]
 
     def _stats(self) -> tuple[int, int]:
         stats: dict[bytes, bytes] = self.redis.hgetall(STATS_KEY)  # type: ignore[assignment]
