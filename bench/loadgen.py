@@ -16,8 +16,11 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from typing import Any
 
+#: Why requests failed (status 0), by exception type: reported with the samples.
+ERRORS: Counter[str] = Counter()
 #: The request body: the example model's input.
 BODY = b'{"text": "great product, would buy again"}'
 
@@ -66,7 +69,8 @@ async def closed_loop(host: str, port: int, path: str, clients: int, seconds: fl
                 if conn is None:
                     conn = await connect(host, port)
                 status = await conn.request(raw)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                ERRORS[type(exc).__name__] += 1
                 status = 0
                 if conn is not None:
                     conn.close()
@@ -97,7 +101,8 @@ async def open_loop(host: str, port: int, path: str, rate: float, seconds: float
                 conn = await connect(host, port)
             status = await conn.request(raw)
             idle.append(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            ERRORS[type(exc).__name__] += 1
             status = 0
             if conn is not None:
                 conn.close()
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         samples = asyncio.run(open_loop(args.host, args.port, args.path, args.rate, args.seconds,
                                         args.max_connections))
-    out: dict[str, Any] = {"samples": samples}
+    out: dict[str, Any] = {"samples": samples, "errors": dict(ERRORS)}
     print(json.dumps(out))
     return 0
 

@@ -120,7 +120,7 @@ class WebBench:
             "rate": rate, "queue_size": queue_size, "requests": len(samples),
             "share_429": sum(1 for _, _, st in samples if st == 429) / len(samples),
             "accepted_rps": len(accepted) / (self.seconds * 2), "p99_accepted_ms": _ms(percentile(accepted, 0.99)),
-            "statuses": dict(Counter(str(st) for _, _, st in samples)),
+            "statuses": dict(Counter(str(st) for _, _, st in samples)), "client_errors": result.get("errors", {}),
             "redis_mib": [v / 2**20 for v in memory.values], "per_second": per_second,
         }
 
@@ -245,7 +245,7 @@ def print_report(result: dict[str, Any], con: Any) -> None:
               f"req/s (mean batch {_f(d['batch_mean'])})")
     con.print(f"overload at {o['rate']:,.0f} req/s (2x), max_queue_size={o['queue_size']}: "
               f"{o['share_429']:.0%} answered 429, accepted {o['accepted_rps']:,.0f} req/s with p99 "
-              f"{_f(o['p99_accepted_ms'])} ms, answers {o['statuses']}; Redis memory "
+              f"{_f(o['p99_accepted_ms'])} ms, answers {o['statuses']} {o['client_errors']}; Redis memory "
               f"{min(o['redis_mib'], default=0):.1f}-{max(o['redis_mib'], default=0):.1f} MiB")
     con.print("per second, 429 share: " + " ".join(_pct(s["share_429"]) for s in o["per_second"]))
     con.print("per second, p99 of accepted (ms): " + " ".join(_f(s["p99_ms"]) for s in o["per_second"]))

@@ -7,8 +7,8 @@ process can hold thousands, and they all reach the worker together, which is wha
 Status codes: 200 with ``{"task_id", "result"}``; 422 for a body that does not validate (nothing is sent); 429 with
 ``Retry-After`` when the task's queue is full (nothing is sent); 502 when the task failed on the worker, with its
 error; 504 when no result came within the timeout, with the ``task_id``. A request that times out, or whose client
-disconnects (answered 499, which nobody reads), is abandoned: if no worker has taken it yet, it never runs. ``GET /healthz`` is 503 while Redis does
-not answer a ping.
+disconnects (answered 499, which nobody reads), is abandoned: if no worker has taken it yet, it never runs.
+``GET /healthz`` is 503 while Redis does not answer a ping.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route's body type from its annotation, and in
