@@ -96,8 +96,8 @@ async def open_loop(host: str, port: int, path: str, rate: float, seconds: float
         nonlocal open_count
         status = 0
         for attempt in range(2):
-            reused = bool(idle)
-            conn = idle.pop() if idle else None
+            reused = bool(idle) and not attempt  # a retry opens a new connection: older idle ones may be closed too
+            conn = idle.pop() if reused else None
             try:
                 if conn is None:
                     open_count += 1
@@ -109,7 +109,7 @@ async def open_loop(host: str, port: int, path: str, rate: float, seconds: float
                 if conn is not None:
                     conn.close()
                 open_count -= 1
-                if not reused or attempt:
+                if not reused:
                     ERRORS[type(exc).__name__] += 1
                     break
                 # The server closed a keep-alive connection that sat idle (uvicorn: after 5 s): not an error of
