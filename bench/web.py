@@ -37,7 +37,7 @@ import redis
 from batching.redis_server import free_port
 from bench import session
 from bench.processes import BenchError, celery_worker_pid, child_env, memory_kib, run_json, running
-from bench.stats import percentile
+from bench.stats import median, percentile
 
 APPS = {"async": "tasks.web:app", "threaded": "bench.threaded_web:app", "to_thread": "bench.tothread_web:app"}
 STATS_KEY = "batching:stats:batching.tasks.predict"
@@ -229,10 +229,30 @@ def measure(url: str, *, concurrency: list[int], seconds: float, warmup_s: float
     return {"runs": runs, "overload": overload}
 
 
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over rounds (one round: itself), with the rounds kept under ``rounds``."""
+    if len(rounds) == 1:
+        return {**rounds[0], "rounds": rounds}
+    runs = []
+    for i, first in enumerate(rounds[0]["runs"]):
+        cells = [r["runs"][i] for r in rounds]
+        cell = {k: (median([c[k] for c in cells]) if isinstance(v, (int, float)) else v) for k, v in first.items()}
+        cell.update(clients=first["clients"], errors=max(c["errors"] for c in cells))  # errors: the worst round
+        runs.append(cell)
+    overloads = [r["overload"] for r in rounds]
+    overload = dict(overloads[len(overloads) // 2])  # per-second detail and Redis memory: the middle round's
+    for key in ("rate", "share_429", "accepted_rps", "p99_accepted_ms"):
+        overload[key] = median([o[key] for o in overloads])
+    overload["drain"] = {**overload["drain"], "rps": median([o["drain"]["rps"] for o in overloads])}
+    return {"runs": runs, "overload": overload, "rounds": rounds}
+
+
 def print_report(result: dict[str, Any], con: Any) -> None:
     from rich.table import Table
 
-    table = Table(title="one uvicorn process, one worker (tasks.predict, batch 64), closed-loop clients")
+    n = len(result.get("rounds", [])) or 1
+    title = "one uvicorn process, one worker (tasks.predict, batch 64), closed-loop clients"
+    table = Table(title=title + (f"; medians of {n} rounds" if n > 1 else ""))
     for col in ("clients", "app", "req/s", "p50 ms", "p99 ms", "mean batch", "errors", "RSS KiB / in flight"):
         table.add_column(col, justify="right")
     for r in result["runs"]:
@@ -263,17 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 16 and 64 clients, 2 s each")
     parser.add_argument("--seconds", type=float, default=None, help="load per run (default 6 s; --quick 2 s)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; the report shows each figure's median")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output dir")
     args = parser.parse_args(argv)
     concurrency = [16, 64] if args.quick else [64, 256, 1024]
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     con = session.console()
     out: Path = args.out.resolve()
-    result, code = session.on_private_redis(
-        "web bench", out, con,
-        lambda url: measure(url, concurrency=concurrency, seconds=seconds, warmup_s=1.0 if args.quick else 2.0,
-                            logs=out / "logs"),
-    )
+
+    def repeated(url: str) -> dict[str, Any]:
+        rounds = []
+        for k in range(args.repeat):
+            if args.repeat > 1:
+                print(f"round {k + 1} of {args.repeat}", flush=True)
+            rounds.append(measure(url, concurrency=concurrency, seconds=seconds,
+                                  warmup_s=1.0 if args.quick else 2.0, logs=out / "logs"))
+        return medians(rounds)
+
+    result, code = session.on_private_redis("web bench", out, con, repeated)
     if result is None:
         return code
     print_report(result, con)
