@@ -15,7 +15,8 @@ connection), and the web process's resident memory above its idle level, per req
 run: the async app with `PREDICT_MAX_QUEUE_SIZE` set to half a second of drain, a slower worker (`bench.slow_worker`:
 the example model at batch 8 plus a 40 ms wait per batch, so that the worker is the bottleneck), an open-loop load
 at twice its measured drain rate, reporting the share answered 429, the p99 of the accepted (200) requests, and Redis
-memory — each per second, to show they stay flat.
+memory — each per second, to show they stay flat. `--repeat N` runs it all N times and reports each figure's
+median; `--quick` is a smoke run (16 and 64 clients, 2 s each).
 """
 
 from __future__ import annotations
