@@ -214,7 +214,8 @@ def restartable_redis(tmp_path: Path) -> Iterator[tuple[str, Any]]:
 
 def _pings(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+        with redis.Redis.from_url(url, socket_timeout=0.5) as client:
+            return bool(client.ping())
     except redis.ConnectionError:
         return False
 
@@ -223,14 +224,14 @@ def test_waiters_ride_out_a_redis_restart_and_find_results_stored_meanwhile(rest
     url, restart = restartable_redis
     app = Celery("restart", broker=url, backend=url, set_as_current=False)
     results = [app.AsyncResult(f"restart-{i}") for i in range(200)]
-    client = redis.Redis.from_url(url)
+    probe = redis.Redis.from_url(url)
 
     def store(which: range) -> None:
         for i in which:
             app.backend.store_result(results[i].id, i, "SUCCESS")
 
     def subscriptions() -> int:
-        return sum(int(c["sub"]) for c in connections_of_this_process(redis.Redis.from_url(url)))
+        return sum(int(c["sub"]) for c in connections_of_this_process(probe))
 
     async def run() -> list[Any]:
         try:
@@ -248,9 +249,12 @@ def test_waiters_ride_out_a_redis_restart_and_find_results_stored_meanwhile(rest
         finally:
             await batching.aio.close()
 
-    assert asyncio.run(run()) == list(range(200))
-    assert subscriptions() == 0
-    client.close()
+    try:
+        assert asyncio.run(run()) == list(range(200))
+        assert subscriptions() == 0
+    finally:
+        probe.close()
+        app.backend.client.connection_pool.disconnect()
 
 
 def test_a_result_backend_that_is_not_redis_is_refused_by_name(redis_url):
