@@ -12,9 +12,10 @@ import os
 import sys
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from ..task import batched_tasks
+from . import control
 from .consumer import BatchConsumer
 from .events import task_events_enabled
 from .tunables import STOP_TIMEOUT_S, WorkerSettings
@@ -23,7 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 class BatchingStep(bootsteps.StartStopStep):
-    """Starts after the pool (so a forking pool never copies our threads) and stops before it."""
+    """Starts after the pool (so a forking pool never copies our threads) and stops before it.
+
+    The consumers connect here (a broker that cannot work fails the worker at once) but claim nothing until the
+    worker is ready (``worker_ready``): only then does it take remote-control commands and has it synced the
+    revoked ids of its peers (mingle), so a revoke sent to the workers is never missed by a batch claimed early.
+    That signal fires once, after the first start of the consumer blueprint, which restarts on every broker
+    reconnect; ours must not.
+    """
 
     label = "Batching"
     requires = ("celery.worker.components:Pool",)
@@ -31,6 +39,7 @@ class BatchingStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.consumers: list[BatchConsumer] = []
+        self._worker: Any = None
         self.tasks = batched_tasks(worker.app)
         # Unknown batching_* settings fail the worker here, before it serves anything, naming the valid ones.
         self.settings = WorkerSettings.from_app(worker.app.conf, os.environ)
@@ -56,18 +65,30 @@ class BatchingStep(bootsteps.StartStopStep):
                 task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
                 metrics=metrics,
             )
-            consumer.start()
+            consumer.connect()
             self.consumers.append(consumer)
-            policy = consumer.settings.policy
-            logger.info(
-                "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
-                task.name, consumer.settings.queue, policy.batch_size, policy.max_delay_s,
-            )
         if metrics is not None and self.settings.metrics_port is not None:
             metrics.watch_queues((c.name, c.store) for c in self.consumers)
             metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
+        control.serve_queues(worker.app, [c.settings.queue for c in self.consumers])
+        self._worker = worker
+        signals.worker_ready.connect(self._on_worker_ready, weak=False)
+
+    def _on_worker_ready(self, sender: Any = None, **kwargs: Any) -> None:
+        if getattr(sender, "controller", None) is not self._worker:
+            return  # another worker of this process (tests embedding several)
+        signals.worker_ready.disconnect(self._on_worker_ready)
+        for consumer in self.consumers:
+            consumer.start()
+            policy = consumer.settings.policy
+            logger.info(
+                "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
+                consumer.name, consumer.settings.queue, policy.batch_size, policy.max_delay_s,
+            )
 
     def stop(self, worker: Any) -> None:
+        signals.worker_ready.disconnect(self._on_worker_ready)
+        control.stop_serving(c.settings.queue for c in self.consumers)
         for consumer in self.consumers:
             consumer.request_stop()  # signal all first, so they wind down in parallel
         for consumer in self.consumers:

@@ -33,9 +33,11 @@ from ..model import ModelHandle
 from ..settings import BatchSettings
 from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
 from ..store.queue import QueueStore
+from . import control
 from .batch import Batch
 from .events import BatchEvents
 from .keeper import Keeper
+from .ratelimit import RateLimiter
 from .runner import ModelRunner
 from .triage import Rules, triage
 from .tunables import FORM_POLL_S, IDLE_POLL_S, MAX_UNSETTLED, TOPUP_MAX_S, TOPUP_MIN_S
@@ -94,11 +96,17 @@ class BatchConsumer:
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
+        # Set by ``for_task`` (a worker's consumers): the task whose items are registered in Celery's worker state
+        # for inspect and revoke (``control``), and its rate limit.
+        self.task: BatchedTask | None = None
+        self.limiter: RateLimiter | None = None
 
     @classmethod
     def for_task(cls, task: BatchedTask, **options: Any) -> BatchConsumer:
         """The consumer of a batched task, with the settings the task resolves in this worker."""
-        return cls(task.app, task.worker_settings(), task.batching_model, **options)
+        consumer = cls(task.app, task.worker_settings(), task.batching_model, **options)
+        consumer.task, consumer.limiter = task, RateLimiter.for_task(task)
+        return consumer
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -199,6 +207,9 @@ class BatchConsumer:
                 self._stopping.wait(min(wait, FORM_POLL_S))
                 continue
             timeout = min(wait, IDLE_POLL_S, idle_until - now)
+            if self.limiter is not None and (limited_s := self.limiter.wait_s()) > 0:
+                self._stopping.wait(min(timeout, limited_s))  # not store.wait: it returns at once on a full queue
+                continue
             if batch.claim.next_eta is not None:
                 timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
             store.wait(timeout)
@@ -207,11 +218,17 @@ class BatchConsumer:
         missing = self.settings.policy.batch_size - len(batch.claim)
         if missing <= 0:
             return 0
+        if self.limiter is not None and not (missing := self.limiter.grant(missing)):
+            return 0
         claim = batch.claim
-        before = len(claim.raws)
+        before, first = len(claim.raws), len(batch.items)
         taken = self._require_store().claim(claim, missing)
+        if self.limiter is not None and taken < missing:
+            self.limiter.refund(missing - taken)
         if taken:
             triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+            if self.task is not None:
+                control.reserve(self.task, batch, first)
         return taken
 
     def _hand_off(self, batch: Batch) -> None:
@@ -264,6 +281,11 @@ class BatchConsumer:
 
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
+        if self.task is not None:
+            control.start(batch, time.time(), os.getpid())  # revoked meanwhile: settled, not run
+            if not batch.items:
+                self._done.put(batch)
+                return
         self.runner.run(batch)
 
     # -- keeper thread -----------------------------------------------------------------------------------------
@@ -310,6 +332,8 @@ class BatchConsumer:
     def _untrack(self, batch: Batch) -> None:
         with self._lock:
             self._active.discard(batch.claim.claim_id)
+        if self.task is not None:
+            control.forget(batch)
 
     def _require_keeper(self) -> Keeper:
         if self.keeper is None:

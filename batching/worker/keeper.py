@@ -20,7 +20,7 @@ from ..codec import task_id_of
 from ..errors import MessageError
 from ..store.outage import REDIS_ERRORS, Outage, with_retries
 from ..store.queue import NEVER_FINISHED, QueueStore
-from . import canvas
+from . import canvas, control
 from .batch import Batch, Outcome
 from .events import BatchEvents
 from .results import ResultWriter
@@ -53,6 +53,7 @@ class Keeper:
         """Follow up, store, finish: retried through Redis outages until done, or until the consumer stops
         (``Stopped``: the claim is then left to the lease)."""
         app, name = self.app, self.settings.name
+        control.seal(batch)  # items terminated while the batch ran are dropped: REVOKED is already stored
         outcomes = batch.outcomes()
         retries = canvas.plan_retries(self.settings.retry, outcomes)
         canvas.send_callbacks(app, outcomes)
