@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from types import ModuleType
 from typing import Any
@@ -179,3 +180,18 @@ def test_rate_limit_spaces_items_out_per_worker_like_a_plain_task(ctl, start_wor
     assert len(stamps) == 20
     # 5/s with Celery's one-token bucket: the first item at once, then one every 0.2 s (plain Celery: 3.8 s)
     assert 3.4 <= stamps[-1] - stamps[0] <= 6.0, stamps[-1] - stamps[0]
+
+
+def test_celery_control_rate_limit_changes_a_batched_task_live(ctl, start_worker, rclient):
+    worker = start_worker(APP, "--pool", "solo").ready()
+    replies = ctl.app.control.rate_limit("ctl.echo", "4/s", reply=True, destination=[worker.nodename], timeout=10)
+    assert replies and "new rate limit set successfully" in json.dumps(replies)
+    started = time.monotonic()
+    results = [ctl.echo.delay(x=f"slow{i}") for i in range(9)]
+    assert [r.get(timeout=30) for r in results] == [f"slow{i}" for i in range(9)]
+    assert time.monotonic() - started >= 1.8  # 4/s: the first at once, then one every 0.25 s
+    sizes = [int(n) for n in rclient.lrange("ctl:echo_sizes", 0, -1)]
+    ctl.app.control.rate_limit("ctl.echo", "", reply=True, destination=[worker.nodename], timeout=10)
+    fast = [ctl.echo.delay(x=f"fast{i}") for i in range(20)]
+    assert [r.get(timeout=30) for r in fast] == [f"fast{i}" for i in range(20)]
+    assert max(int(n) for n in rclient.lrange("ctl:echo_sizes", len(sizes), -1)) > 1  # batching again

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from celery import bootsteps, signals
+from celery import bootsteps
 
 from ..task import batched_tasks
 from . import control
@@ -27,10 +27,11 @@ class BatchingStep(bootsteps.StartStopStep):
     """Starts after the pool (so a forking pool never copies our threads) and stops before it.
 
     The consumers connect here (a broker that cannot work fails the worker at once) but claim nothing until the
-    worker is ready (``worker_ready``): only then does it take remote-control commands and has it synced the
-    revoked ids of its peers (mingle), so a revoke sent to the workers is never missed by a batch claimed early.
-    That signal fires once, after the first start of the consumer blueprint, which restarts on every broker
-    reconnect; ours must not.
+    worker is ready: only then does it take remote-control commands and has it synced the revoked ids of its peers
+    (mingle), so a revoke sent to the workers is never missed by a batch claimed early. The hook is the worker's
+    ``ready_callback``, which its consumer calls once, after the first start of the consumer blueprint (which
+    restarts on every broker reconnect; ours must not), just before ``worker_ready`` is sent — embedded workers
+    (``celery.contrib.testing``) call it too, without sending the signal.
     """
 
     label = "Batching"
@@ -39,8 +40,9 @@ class BatchingStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.consumers: list[BatchConsumer] = []
-        self._worker: Any = None
         self.tasks = batched_tasks(worker.app)
+        if self.tasks:  # read by the Consumer step when it is created, after every step's __init__
+            worker.ready_callback = functools.partial(self._on_worker_ready, worker.ready_callback)
         # Unknown batching_* settings fail the worker here, before it serves anything, naming the valid ones.
         self.settings = WorkerSettings.from_app(worker.app.conf, os.environ)
         # The normal consumer must never take batch messages one by one (it would run run_batch per item), even
@@ -71,13 +73,8 @@ class BatchingStep(bootsteps.StartStopStep):
             metrics.watch_queues((c.name, c.store) for c in self.consumers)
             metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
         control.serve_queues(worker.app, [c.settings.queue for c in self.consumers])
-        self._worker = worker
-        signals.worker_ready.connect(self._on_worker_ready, weak=False)
 
-    def _on_worker_ready(self, sender: Any = None, **kwargs: Any) -> None:
-        if getattr(sender, "controller", None) is not self._worker:
-            return  # another worker of this process (tests embedding several)
-        signals.worker_ready.disconnect(self._on_worker_ready)
+    def _on_worker_ready(self, ready: Any, celery_consumer: Any) -> None:
         for consumer in self.consumers:
             consumer.start()
             policy = consumer.settings.policy
@@ -85,9 +82,9 @@ class BatchingStep(bootsteps.StartStopStep):
                 "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
                 consumer.name, consumer.settings.queue, policy.batch_size, policy.max_delay_s,
             )
+        ready(celery_consumer)
 
     def stop(self, worker: Any) -> None:
-        signals.worker_ready.disconnect(self._on_worker_ready)
         control.stop_serving(c.settings.queue for c in self.consumers)
         for consumer in self.consumers:
             consumer.request_stop()  # signal all first, so they wind down in parallel

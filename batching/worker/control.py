@@ -1,11 +1,14 @@
 """The items of batches in Celery's worker state, so ``inspect`` and ``revoke`` see them as they see plain tasks.
 
 Celery's remote-control commands read module globals of ``celery.worker.state``: ``requests`` (id -> request,
-``query_task``, ``revoke``), ``reserved_requests`` and ``active_requests`` (``inspect reserved`` / ``active``, the
-worker heartbeat's ``active`` count that Flower shows) and ``total_count`` (``inspect stats``). Each claimed item is
-registered there as an ``ItemRequest`` — a light stand-in for Celery's ``Request`` with the attributes those
-commands read — reserved when claimed, active when its batch starts, and removed when its batch is settled or given
-back. ``state.requests`` holds the strong reference the two weak sets need.
+``query_task``, ``revoke``), ``active_requests`` (``inspect active``, the worker heartbeat's ``active`` count that
+Flower shows, ``revoke``'s "is it running?") and ``total_count`` (``inspect stats``). Each claimed item is
+registered as an ``ItemRequest`` — a light stand-in for Celery's ``Request`` with the attributes Celery reads —
+in ``requests`` when claimed, in ``active_requests`` when its batch starts, and removed when its batch is settled
+or given back. ``state.requests`` holds the strong reference the weak set needs. Claimed items are kept out of
+``reserved_requests``: the normal consumer counts that set against its pool size (``worker_disable_prefetch``) and
+would stop taking plain tasks while a batch is claimed; ``inspect reserved`` and ``query_task`` are re-registered
+(through Celery's ``Panel``) to add them from our own table, and ``active_queues`` to list the batch queues.
 
 Revoke, as Celery does it for a plain task:
 
@@ -16,15 +19,18 @@ Revoke, as Celery does it for a plain task:
   and whatever ``run_batch`` returns for it is discarded (``seal``); the batch itself is not killed, since the
   other items in it were not revoked.
 
-The weak sets are only ever iterated by the worker's main thread while our threads add to them; the inspect
-commands that iterate them are re-registered here to retry the copy when a consumer thread changed the set under
-them (``RuntimeError: Set changed size during iteration``), and ``active_queues`` also lists the batch queues.
+Celery's own ``Request``s enter these sets from its main thread, but also from pool threads (``--pool threads``),
+and so do ours from the consumers' threads; a copy the main thread takes meanwhile (``tuple(active_requests)`` on a
+broker reconnect or at shutdown, ``inspect active``) would fail with "Set changed size during iteration". The two
+weak sets are therefore made to iterate over a snapshot of themselves (``_SnapshotWeakSet``, taken atomically).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from _weakrefset import _IterationGuard  # type: ignore[attr-defined]  # WeakSet's own guard
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +55,7 @@ _SEAL = threading.Lock()
 class ItemRequest:
     """One claimed item as Celery's worker state and remote-control commands read a ``Request``."""
 
-    __slots__ = ("__weakref__", "request", "sealed", "task", "terminated", "time_start", "worker_pid")
+    __slots__ = ("__weakref__", "eventer", "request", "sealed", "task", "terminated", "time_start", "worker_pid")
     acknowledged = False
     stamps = None
 
@@ -60,6 +66,7 @@ class ItemRequest:
         self.terminated = False
         self.sealed = False
         self.worker_pid: int | None = None
+        self.eventer: Any = None  # set by Celery's Events step on a reconnect; our events have their own dispatcher
 
     @property
     def id(self) -> str:
@@ -102,31 +109,36 @@ class ItemRequest:
         logger.info("batching %s: task %s terminated: dropped from its running batch", self.task.name, self.id)
 
     def cancel(self, pool: Any = None, signal: Any = None, emit_retry: bool = True) -> None:
-        self.terminate(pool, signal)
+        """Celery cancels running requests on a cold shutdown or a lost connection, to have them redelivered; a
+        batch is finished (warm shutdown) or recovered by its lease (cold) by its consumer, so nothing to do."""
 
     def __repr__(self) -> str:
         return f"<ItemRequest {self.task.name}[{self.id}]>"
 
 
+#: Claimed items whose batch has not started, by id (``inspect reserved``).
+_claimed: dict[str, ItemRequest] = {}
+
+
 def reserve(task: Any, batch: Batch, first: int) -> None:
     """Register the items ``batch.items[first:]`` (just claimed) as reserved."""
-    add_request, add_reserved = worker_state.requests.__setitem__, worker_state.reserved_requests.add
+    add_request, add_claimed = worker_state.requests.__setitem__, _claimed.__setitem__
     for item in batch.items[first:]:
         tracked = ItemRequest(task, item.request)
         add_request(tracked.id, tracked)
-        add_reserved(tracked)
+        add_claimed(tracked.id, tracked)
 
 
 def start(batch: Batch, now: float, pid: int) -> None:
     """The batch is about to run: its items become active; those revoked meanwhile are settled REVOKED instead."""
-    requests, revoked, add_active = worker_state.requests, worker_state.revoked, worker_state.active_requests.add
+    revoked, add_active, unclaim = worker_state.revoked, worker_state.active_requests.add, _claimed.pop
     keep = []
     for item in batch.items:
-        tracked = requests.get(item.request.id)
-        if isinstance(tracked, ItemRequest):
+        tracked = unclaim(item.request.id, None)
+        if tracked is not None:
             tracked.time_start, tracked.worker_pid = now, pid
             add_active(tracked)  # before the revoked check: see ``ItemRequest`` for why the order matters
-        if item.request.id in revoked or (tracked is not None and getattr(tracked, "terminated", False)):
+        if item.request.id in revoked or (tracked is not None and tracked.terminated):
             batch.settled.append(Outcome(item.request.id, states.REVOKED, TaskRevokedError("revoked"), item.request))
         else:
             keep.append(item)
@@ -152,17 +164,22 @@ def seal(batch: Batch) -> None:
 
 def forget(batch: Batch) -> None:
     """The batch is settled or given back: its items leave the worker state."""
-    pop, discard_active = worker_state.requests.pop, worker_state.active_requests.discard
+    requests, discard_active = worker_state.requests, worker_state.active_requests.discard
+    # Celery's consumer moves active requests into reserved_requests when it reconnects.
     discard_reserved = worker_state.reserved_requests.discard
+    unclaim = _claimed.pop
     for item in batch.items:
-        tracked = pop(item.request.id, None)
-        if tracked is not None:
+        task_id = item.request.id
+        tracked = requests.get(task_id)
+        if isinstance(tracked, ItemRequest):
+            requests.pop(task_id, None)
             discard_active(tracked)
             discard_reserved(tracked)
+        unclaim(task_id, None)
     for outcome in batch.settled:  # items taken out of the batch by ``start``
-        tracked = worker_state.requests.get(outcome.task_id)
+        tracked = requests.get(outcome.task_id)
         if isinstance(tracked, ItemRequest):
-            pop(outcome.task_id, None)
+            requests.pop(outcome.task_id, None)
             discard_active(tracked)
             discard_reserved(tracked)
 
@@ -200,6 +217,26 @@ def _retrying(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _reserved(plain: Callable[..., Any]) -> Callable[..., Any]:
+    def reserved(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        """List of currently reserved tasks, not including scheduled/active."""
+        return list(plain(state, **kwargs)) + [t.info() for t in list(_claimed.values())]
+
+    return reserved
+
+
+def _query_task(plain: Callable[..., Any]) -> Callable[..., Any]:
+    def query_task(state: Any, ids: Any, **kwargs: Any) -> dict[str, Any]:
+        """Query for task information by id."""
+        found = plain(state, ids=ids, **kwargs)
+        for task_id, (where, info) in list(found.items()):
+            if where == "ready" and task_id in _claimed:
+                found[task_id] = ("reserved", info)
+        return found
+
+    return query_task
+
+
 def _active_queues(state: Any) -> list[dict[str, Any]]:
     """List the task queues a worker is currently consuming from (batch queues included)."""
     listed = _plain_active_queues(state)
@@ -210,16 +247,36 @@ def _active_queues(state: Any) -> list[dict[str, Any]]:
 _plain_active_queues = celery_control.Panel.data["active_queues"]
 
 
+class _SnapshotWeakSet(weakref.WeakSet[Any]):
+    """A ``WeakSet`` whose iteration works on a copy of its references, taken atomically (one C call)."""
+
+    data: set[Any]  # WeakSet's own: the set of weak references
+
+    def __iter__(self) -> Any:
+        with _IterationGuard(self):
+            for ref in self.data.copy():
+                item = ref()
+                if item is not None:
+                    yield item
+
+
 def _install() -> None:
     """Re-register the inspect commands through Celery's own ``Panel`` (same names, aliases and timeouts)."""
-    for name in ("active", "reserved", "stats", "query_task"):
+    wrappers: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+        "active": _retrying, "stats": _retrying, "reserved": _reserved, "query_task": _query_task,
+    }
+    for name, wrap in wrappers.items():
         meta = celery_control.Panel.meta[name]
         celery_control.inspect_command(
             name=name, alias=meta.alias, default_timeout=meta.default_timeout, help=meta.help,
             signature=meta.signature, args=meta.args, variadic=meta.variadic,
-        )(_retrying(celery_control.Panel.data[name]))
+        )(wrap(celery_control.Panel.data[name]))
     meta = celery_control.Panel.meta["active_queues"]
     celery_control.inspect_command(name="active_queues", help=meta.help)(_active_queues)
+    # The same objects, which Celery's modules imported by name: only their iteration changes.
+    for weak_set in (worker_state.active_requests, worker_state.reserved_requests):
+        if type(weak_set) is weakref.WeakSet:
+            weak_set.__class__ = _SnapshotWeakSet
 
 
 _install()
