@@ -18,11 +18,13 @@ from .errors import (
     MessageError,
     MissingArgumentError,
     ResultEncodeError,
+    UnbatchedCallError,
     UnexpectedArgumentError,
 )
 from .ops.deadletters import DeadLetter, list_dead, purge_dead, requeue_dead
 from .ops.status import queue_status
 from .settings import BatchSettings
+from .shared import shared_batched
 from .store.snapshot import QueueStatus
 from .task import BatchedTask, batched
 
@@ -46,6 +48,7 @@ __all__ = [
     "MissingArgumentError",
     "QueueStatus",
     "ResultEncodeError",
+    "UnbatchedCallError",
     "UnexpectedArgumentError",
     "__version__",
     "batched",
@@ -54,5 +57,6 @@ __all__ = [
     "purge_dead",
     "queue_status",
     "requeue_dead",
+    "shared_batched",
     "submit_many",
 ]

@@ -11,6 +11,7 @@
     ├── UnexpectedArgumentError   (also TypeError) a request names parameters the model does not take
     ├── BatchResultError          ``run_batch`` returned something that cannot be split per request
     ├── ResultEncodeError         one request's result cannot be serialized for the result backend
+    ├── UnbatchedCallError        (also TypeError) a call that would run items one at a time (map, chunks, ...)
     └── BatcherStopped            (also InterruptedError) the in-process ``Batcher`` was stopped
 
 Errors that reach a Celery client are re-raised there with their own type, so each class is importable from
@@ -58,6 +59,10 @@ class BatchResultError(BatchingError):
 
 class ResultEncodeError(BatchingError):
     """A result could not be serialized with the result backend's serializer."""
+
+
+class UnbatchedCallError(BatchingError, TypeError):
+    """A batched task was called in a way that would run its items one at a time in a pool process."""
 
 
 class BatcherStopped(BatchingError, InterruptedError):

@@ -30,7 +30,9 @@ SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.sett
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,
-    "batching.task": SHARED | {"batching.client"},
+    "batching.task": SHARED | {"batching.client", "batching.routing"},
+    "batching.routing": set(),
+    "batching.shared": SHARED | {"batching.task"},
     "batching.client": SHARED,
     "batching.batcher": SHARED,
     "batching.redis_server": {"batching.errors"},
@@ -147,8 +149,9 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(batching.__all__) == [
         "BatchResultError", "BatchSettings", "BatchedTask", "Batcher", "BatcherStopped", "BatchingError",
         "BrokerError", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
-        "MissingArgumentError", "QueueStatus", "ResultEncodeError", "UnexpectedArgumentError", "__version__",
-        "batched", "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead", "submit_many",
+        "MissingArgumentError", "QueueStatus", "ResultEncodeError", "UnbatchedCallError", "UnexpectedArgumentError",
+        "__version__", "batched", "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead",
+        "shared_batched", "submit_many",
     ]
     assert all(hasattr(batching, name) for name in batching.__all__)
 
