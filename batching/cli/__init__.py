@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import dead as cli_dead
+from . import purge as cli_purge
 from .common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
 
 DESCRIPTION = "Inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark."
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "consumers died max_deliveries times while running them.", epilog=EPILOG, formatter_class=fmt,
     )
     cli_dead.add_commands(dead, APP_HELP, EPILOG)
+    cli_purge.add_command(commands, APP_HELP, EPILOG)
 
     commands.add_parser("demo", add_help=False, help="run the quick-start demo (python -m tasks.demo): a private "
                         "Redis, a worker, 3,000 predict.delay() calls; `batching demo --help` for its options")

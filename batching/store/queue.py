@@ -197,6 +197,18 @@ class QueueStore:
             moved += int(self._requeue_dead(keys=[k.dead, k.deliveries, k.main], args=[entry, raw]))
         return moved
 
+    def purge(self) -> tuple[int, int]:
+        """Delete every queued message (all priority lists) and every message waiting for its ETA, atomically;
+        claims are kept (their batches finish, or come back by lease). Returns (queued, delayed) deleted."""
+        lists = self.keys.lists
+        with self.client.pipeline(transaction=True) as pipe:
+            for key in lists:
+                pipe.llen(key)
+            pipe.zcard(self.keys.delayed)
+            pipe.delete(*lists, self.keys.delayed)
+            counts = pipe.execute()
+        return sum(int(n) for n in counts[:len(lists)]), int(counts[len(lists)])
+
     def purge_dead(self) -> int:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.llen(self.keys.dead)
