@@ -63,6 +63,8 @@ class Batch:
     #: Unix times: first message claimed, and run_batch started (None: nothing ran).
     claimed_at: float = 0.0
     started_at: float | None = None
+    #: The items as registered in Celery's worker state for inspect and revoke (``control.ItemRequest``).
+    tracked: list[Any] = field(default_factory=list)
 
     def outcomes(self) -> list[Outcome]:
         """Every outcome of the batch: those decided without running, then the items' in request order."""

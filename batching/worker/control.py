@@ -122,11 +122,13 @@ _claimed: dict[str, ItemRequest] = {}
 
 def reserve(task: Any, batch: Batch, first: int) -> None:
     """Register the items ``batch.items[first:]`` (just claimed) as reserved."""
-    add_request, add_claimed = worker_state.requests.__setitem__, _claimed.__setitem__
+    add_request, add_claimed, add_tracked = worker_state.requests.__setitem__, _claimed.__setitem__, \
+        batch.tracked.append
     for item in batch.items[first:]:
         tracked = ItemRequest(task, item.request)
         add_request(tracked.id, tracked)
         add_claimed(tracked.id, tracked)
+        add_tracked(tracked)
 
 
 def start(batch: Batch, now: float, pid: int) -> None:
@@ -137,7 +139,7 @@ def start(batch: Batch, now: float, pid: int) -> None:
         tracked = unclaim(item.request.id, None)
         if tracked is not None:
             tracked.time_start, tracked.worker_pid = now, pid
-            add_active(tracked)  # before the revoked check: see ``ItemRequest`` for why the order matters
+            add_active(tracked)  # before the revoked check: see ``ItemRequest.terminate`` for why the order matters
         if item.request.id in revoked or (tracked is not None and tracked.terminated):
             batch.settled.append(Outcome(item.request.id, states.REVOKED, TaskRevokedError("revoked"), item.request))
         else:
@@ -152,36 +154,38 @@ def start(batch: Batch, now: float, pid: int) -> None:
 
 def seal(batch: Batch) -> None:
     """The batch's outcomes are about to be stored: drop those of terminated items; later terminates are no-ops."""
-    requests = worker_state.requests
+    if not batch.tracked:
+        return
+    terminated = set()
     with _SEAL:
+        for tracked in batch.tracked:
+            tracked.sealed = True
+            if tracked.terminated:
+                terminated.add(tracked.id)
+    if terminated:
         for item in batch.items:
-            tracked = requests.get(item.request.id)
-            if isinstance(tracked, ItemRequest):
-                tracked.sealed = True
-                if tracked.terminated:
-                    item.outcome = None  # REVOKED is stored; nothing of the batch's answer for it is
+            if item.request.id in terminated:
+                item.outcome = None  # REVOKED is stored; nothing of the batch's answer for it is
 
 
 def forget(batch: Batch) -> None:
     """The batch is settled or given back: its items leave the worker state."""
-    requests, discard_active = worker_state.requests, worker_state.active_requests.discard
+    if not batch.tracked:
+        return
+    requests, discard_active, unclaim = worker_state.requests, worker_state.active_requests.discard, _claimed.pop
     # Celery's consumer moves active requests into reserved_requests when it reconnects.
-    discard_reserved = worker_state.reserved_requests.discard
-    unclaim = _claimed.pop
-    for item in batch.items:
-        task_id = item.request.id
-        tracked = requests.get(task_id)
-        if isinstance(tracked, ItemRequest):
-            requests.pop(task_id, None)
+    reserved = worker_state.reserved_requests
+    for tracked in batch.tracked:
+        task_id = tracked.request.id
+        if requests.get(task_id) is tracked:
+            del requests[task_id]
+        if tracked.time_start is None:
+            unclaim(task_id, None)
+        else:
             discard_active(tracked)
-            discard_reserved(tracked)
-        unclaim(task_id, None)
-    for outcome in batch.settled:  # items taken out of the batch by ``start``
-        tracked = requests.get(outcome.task_id)
-        if isinstance(tracked, ItemRequest):
-            requests.pop(outcome.task_id, None)
-            discard_active(tracked)
-            discard_reserved(tracked)
+        if reserved.data:
+            reserved.discard(tracked)
+    batch.tracked.clear()
 
 
 # -- remote control ------------------------------------------------------------------------------------------
