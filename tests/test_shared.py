@@ -84,3 +84,12 @@ def test_shared_batched_runs_in_batches_under_a_worker_of_an_app_created_after_t
     assert sum(sizes) == 12 and max(sizes) > 1, sizes
     assert "batching tests.apps.sharedtasks.shout: consuming queue 'batching.tests.apps.sharedtasks.shout'" in \
         worker.output()
+
+
+@pytest.mark.integration
+def test_a_worker_of_an_app_with_base_batchedtask_says_what_to_do(start_worker: Any) -> None:
+    worker = start_worker("tests.apps.misbased", "--pool", "solo")
+    assert worker.proc.wait(60) != 0
+    assert "ConfigurationError: task 'tests.apps.misbased.predict' uses base=BatchedTask without @batched" in \
+        worker.output()
+    assert "@batched(app, batch_size=..., max_delay=...)" in worker.output()
