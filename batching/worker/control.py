@@ -83,8 +83,8 @@ class ItemRequest:
         return {
             "id": r.id,
             "name": self.task.name,
-            "args": r.argsrepr or repr(r.args) if safe else r.args,
-            "kwargs": r.kwargsrepr or repr(r.kwargs) if safe else r.kwargs,
+            "args": (r.argsrepr or repr(r.args)) if safe else r.args,
+            "kwargs": (r.kwargsrepr or repr(r.kwargs)) if safe else r.kwargs,
             "type": self.task.name,
             "hostname": r.hostname,
             "time_start": self.time_start,
@@ -103,7 +103,8 @@ class ItemRequest:
             if self.time_start is None:
                 return  # not started: Celery's revoke stored REVOKED, and ``start`` takes it out of the batch
             try:
-                self.task.backend.mark_as_revoked(self.id, reason="terminated", request=self.request)
+                self.task.backend.mark_as_revoked(self.id, reason="terminated", request=self.request,
+                                                  store_result=not self.request.ignore_result)
             except Exception as exc:
                 logger.warning("batching: could not store REVOKED for terminated task %s: %s", self.id, exc)
         logger.info("batching %s: task %s terminated: dropped from its running batch", self.task.name, self.id)
@@ -207,7 +208,8 @@ def stop_serving(names: Iterable[str]) -> None:
 
 
 def _retrying(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``command``, retried when a consumer thread changed a weak set while the command copied it."""
+    """``command``, retried if a consumer thread changed what it copies meanwhile (``total_count`` gains a key
+    the first time a batched task runs; the weak sets iterate over snapshots)."""
 
     def run(state: Any, **kwargs: Any) -> Any:
         for _ in range(9):
