@@ -33,7 +33,7 @@ APP = "tests.apps.controlled"
 def ctl(redis_url: str, rclient: redis.Redis) -> ModuleType:
     module = importlib.import_module(APP)
     rclient.delete(module.GATE, "ctl:gated_ran", "ctl:plain_ran", "ctl:limited_at", "ctl:echo_sizes", "ctl:echo_ran",
-                   "ctl:scorer_built_in")
+                   "ctl:scorer_built_in", "ctl:plain_echo_ran")
     return module
 
 
@@ -140,20 +140,24 @@ def test_revokes_synced_from_a_peer_at_start_are_honoured_before_anything_is_cla
                                                                                       rclient):
     """A worker that starts while its peers hold revokes (mingle) claims nothing before it has them: 5 of 5
     REVOKED, the body never ran. Before, its consumers claimed and ran them ~1 s before it synced."""
-    peer = start_worker("tests.apps.slim", "--pool", "solo").ready()  # shares the broker, serves no batched task
+    rclient.delete("ctl:plain_echo_ran")
+    # a peer on the same broker that serves none of these tasks (not even the default queue)
+    peer = start_worker("tests.apps.slim", "--pool", "solo", "-Q", "peer-only").ready()
     ids = [f"early-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
-    replies = ctl.app.control.revoke(ids, reply=True, destination=[peer.nodename], timeout=10)
+    plain_ids = [f"plain-{task_id}" for task_id in ids]
+    replies = ctl.app.control.revoke(ids + plain_ids, reply=True, destination=[peer.nodename], timeout=10)
     assert replies
-    values = [f"revoked-{i}" for i in range(5)]
-    for task_id, value in zip(ids, values, strict=True):
-        ctl.echo.apply_async(kwargs={"x": value}, task_id=task_id)
+    for i, (task_id, plain_id) in enumerate(zip(ids, plain_ids, strict=True)):
+        ctl.echo.apply_async(kwargs={"x": f"revoked-{i}"}, task_id=task_id)
+        ctl.plain_echo.apply_async(kwargs={"x": f"revoked-{i}"}, task_id=plain_id)  # the plain task, compared
     fresh = ctl.echo.delay(x="fresh")
     start_worker(APP, "--pool", "solo", mingle=True).ready()
     assert fresh.get(timeout=30) == "fresh"
-    results = [ctl.app.AsyncResult(i) for i in ids]
-    wait_until(lambda: all(r.state == states.REVOKED for r in results), 30, "the revoked items to be settled")
-    ran = {v.decode() for v in rclient.lrange("ctl:echo_ran", 0, -1)}
-    assert ran == {"fresh"}
+    results = [ctl.app.AsyncResult(i) for i in ids + plain_ids]
+    wait_until(lambda: all(r.state == states.REVOKED for r in results), 30, "the revoked items to be settled",
+               detail=lambda: str([r.state for r in results]))
+    assert {v.decode() for v in rclient.lrange("ctl:echo_ran", 0, -1)} == {"fresh"}
+    assert rclient.llen("ctl:plain_echo_ran") == 0
 
 
 def test_a_revoke_reaches_every_worker_serving_the_queue(ctl, start_worker, redis_url, rclient):

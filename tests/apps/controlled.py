@@ -72,3 +72,9 @@ class Scorer:
 
 
 scorer = batched(app, model=Scorer, name="ctl.scorer", batch_size=32, max_delay=0.05)
+
+
+@app.task(name="ctl.plain_echo")
+def plain_echo(x):
+    R.rpush("ctl:plain_echo_ran", x)
+    return x
