@@ -271,31 +271,27 @@ def test_a_request_time_limit_tighter_than_the_task_s_applies_to_its_batch() -> 
     assert delivered == [batch]
 
 
-@pytest.mark.xfail(strict=True, reason="Watchdog.__exit__ cancels the soft-limit timer but cannot stop one already "
-                                       "past its cancelled check: its exception lands after run() has returned")
 def test_a_soft_limit_that_fires_as_the_model_returns_never_escapes_the_run(monkeypatch) -> None:
-    fired, raised, deliveries = threading.Event(), threading.Event(), Deliveries()
+    returned, deliveries = threading.Event(), Deliveries()
     raise_in_thread = limits_module.raise_in_thread
 
-    def late(ident: int, exc_type: type[BaseException]) -> None:  # the timer thread, preempted after its check
-        fired.set()
-        deliveries.arrived.wait(10)
-        raise_in_thread(ident, exc_type)
-        raised.set()
+    def late(ident: int, exc_type: type[BaseException]) -> bool:  # the timer fires as the model returns
+        returned.wait(10)
+        return raise_in_thread(ident, exc_type)
 
     def model(x: list[int]) -> list[int]:
-        fired.wait(10)
+        returned.set()
         return x
 
     monkeypatch.setattr(limits_module, "raise_in_thread", late)
     escaped: list[BaseException] = []
-    runner = ModelRunner(settings_for(model, soft_time_limit=0.05), ModelHandle(fn=model), deliveries)
+    runner = ModelRunner(settings_for(model, soft_time_limit=0.01), ModelHandle(fn=model), deliveries)
 
-    def model_loop() -> None:  # as the consumer's: run the batch, then wait for the next one
+    def model_loop() -> None:  # as the consumer's: run the batch, then go on with other work
         try:
             runner.run(batch_of(1, 2))
-            raised.wait(10)
-            sum(range(1000))
+            for _ in range(100_000):  # plenty of bytecode for a pending exception to land in
+                pass
         except SoftTimeLimitExceeded as exc:
             escaped.append(exc)
 
@@ -303,8 +299,24 @@ def test_a_soft_limit_that_fires_as_the_model_returns_never_escapes_the_run(monk
     thread.start()
     thread.join(30)
 
-    assert [states_of(batch) for batch in deliveries.batches] == [[states.SUCCESS] * 2]
     assert escaped == []
+    (batch,) = deliveries.batches  # delivered once: as it returned, or failed by the limit if that landed first
+    assert states_of(batch) in ([states.SUCCESS] * 2, [states.FAILURE] * 2)
+
+
+def test_a_soft_limit_timer_that_runs_after_the_call_does_nothing(monkeypatch) -> None:
+    calls: list[int] = []
+
+    def record(ident: int, exc_type: type[BaseException]) -> bool:
+        calls.append(ident)
+        return True
+
+    monkeypatch.setattr(limits_module, "raise_in_thread", record)
+    watchdog = limits_module.Watchdog(TimeLimits(soft=60.0), lambda: None)
+    with watchdog:
+        pass
+    watchdog._soft()  # a timer thread that got past Timer.cancel() before it was called
+    assert calls == []
 
 
 # -- TimeLimits.for_batch -----------------------------------------------------------------------------------------

@@ -222,8 +222,6 @@ def test_oversized_message_without_a_correlation_id_is_dead_lettered() -> None:
     assert "max_message_bytes" in reason
 
 
-@pytest.mark.xfail(strict=True, reason="the tail search takes the first correlation_id it meets: a header of that "
-                                       "name, written before the properties, wins over the real task id")
 def test_oversized_message_fails_under_its_own_id_whatever_its_headers_say() -> None:
     raw, task_id = publish(args=["x" * 5000], headers={"correlation_id": "someone-else"})
 

@@ -260,7 +260,15 @@ class BatchConsumer:
                 self._slot = _STOP  # stay stopped
                 self._done.put(_STOP)
                 return
-            self.run(batch)
+            try:
+                self.run(batch)
+            except BaseException:
+                # The model thread must outlive anything a batch does (SystemExit or KeyboardInterrupt raised by
+                # a model included). The batch is dropped unsettled: untracked, its lease runs out and any
+                # consumer puts its messages back, where delivery counting isolates one that keeps doing this.
+                logger.exception("batching %s: running a batch of %d failed; its claim will be recovered by lease",
+                                 self.name, len(batch.claim))
+                self._untrack(batch)
 
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
