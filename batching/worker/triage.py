@@ -74,4 +74,4 @@ def _decode(raw: bytes, rules: Rules) -> Request | Undecodable:
         )
         found = _CORRELATION_ID.findall(raw[-_TAIL_BYTES:])
         return Undecodable(error, found[-1].decode() if found else None)
-    return decode(raw, rules.accept)
+    return decode(raw, rules.accept, rules.max_message_bytes)
