@@ -1,6 +1,7 @@
 """``Keeper``: a batch's follow-ups, results, events and the finish of its claim, in Celery's order — and the
 housekeeping between batches. Store, result writer, events and canvas are fakes that write to one journal, so
-every test can assert the global order of calls; ``maintain``'s heartbeat (plain ZADDs) runs on fakeredis.
+every test can assert the global order of calls; ``maintain``'s heartbeat (a Lua script) runs on the real Redis,
+an outage on a disconnected fakeredis.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import base64
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -279,11 +281,13 @@ def test_never_finished_fails_only_the_messages_whose_id_can_be_read() -> None:
 
 
 @pytest.fixture
-def fake_store() -> QueueStore:
-    return QueueStore(fakeredis.FakeRedis(), QueueKeys(f"batching.{TASK}"), lease_s=30.0)
+def real_store(rclient: redis.Redis) -> QueueStore:
+    return QueueStore(rclient, QueueKeys(f"batching.{TASK}.{uuid.uuid4().hex}"), lease_s=30.0)
 
 
-def test_maintain_extends_only_live_claims_and_records_the_heartbeat(journal, fake_store: QueueStore) -> None:
+@pytest.mark.integration
+def test_maintain_extends_only_live_claims_and_records_the_heartbeat(journal, real_store: QueueStore) -> None:
+    fake_store = real_store
     client, keys = fake_store.client, fake_store.keys
     client.zadd(keys.claims, {"live": time.time() + 1})
     before = time.time()
@@ -300,7 +304,9 @@ def test_maintain_extends_only_live_claims_and_records_the_heartbeat(journal, fa
     assert journal.calls == []
 
 
-def test_maintain_fails_the_dead_letters_it_recovered(journal, fake_store: QueueStore, monkeypatch, caplog) -> None:
+def test_maintain_fails_the_dead_letters_it_recovered(journal, monkeypatch, caplog) -> None:
+    fake_store = QueueStore(fakeredis.FakeRedis(), QueueKeys(f"batching.{TASK}"), lease_s=30.0)
+    monkeypatch.setattr(fake_store, "heartbeat", lambda consumer_id, claim_ids: None)
     monkeypatch.setattr(fake_store, "recover", lambda: (2, [envelope("a"), b"{not json"]))
 
     make_keeper(journal, store=fake_store).maintain("consumer-1", [])

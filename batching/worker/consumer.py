@@ -105,6 +105,7 @@ class BatchConsumer:
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
         self.store, self._connection = QueueStore.open(self.app, self.settings)
+        self.store.sync_clock()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
             stop=self._stopping, metrics=self.metrics,
@@ -200,7 +201,7 @@ class BatchConsumer:
                 continue
             timeout = min(wait, IDLE_POLL_S, idle_until - now)
             if batch.claim.next_eta is not None:
-                timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
+                timeout = min(timeout, max(batch.claim.next_eta - store.now(), 0.0))
             store.wait(timeout)
 
     def _top_up(self, batch: Batch) -> int:
@@ -211,7 +212,7 @@ class BatchConsumer:
         before = len(claim.raws)
         taken = self._require_store().claim(claim, missing)
         if taken:
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, self._require_store().now())
         return taken
 
     def _hand_off(self, batch: Batch) -> None:
