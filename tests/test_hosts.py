@@ -7,6 +7,7 @@ claims, nor runs countdown tasks early, nor revokes fresh tasks as expired.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import time
 
@@ -74,3 +75,23 @@ def test_a_dead_consumer_s_claims_come_back_within_the_lease_whatever_the_clocks
     start_worker("tests.apps.clocks", "--pool", "solo", env=skewed("-30")).ready()
     assert [r.get(timeout=60) for r in results] == list(range(3000))
     assert time.monotonic() - killed < 20
+
+
+def test_a_consumer_cut_off_past_its_lease_never_stores_over_the_run_that_replaced_it(clocks, start_worker, rclient):
+    cut = start_worker("tests.apps.clocks", "--pool", "solo").ready()
+    results = [clocks.tag.delay(x=i) for i in range(8)]
+    wait_until(lambda: rclient.get("clocks:tag_calls") == b"1", 30, "the first worker to be running the batch")
+    os.killpg(cut.proc.pid, signal.SIGSTOP)  # no heartbeat, no progress: its lease runs out as in a partition
+    try:
+        healthy = start_worker("tests.apps.clocks", "--pool", "solo").ready()
+        values = [r.get(timeout=30) for r in results]
+        healthy_pid = int(values[0].split(":")[0])
+        assert values == [f"{healthy_pid}:{i}" for i in range(8)]
+    finally:
+        rclient.set("clocks:release", 1)
+        os.killpg(cut.proc.pid, signal.SIGCONT)
+    wait_until(lambda: "dropped the 8 outcome(s) of this late run" in cut.output(), 30, "the late run to be dropped",
+               detail=cut.output)
+    stored = [clocks.app.AsyncResult(r.id).get(timeout=5) for r in results]
+    assert stored == values  # the late run of the cut-off worker stored nothing
+    assert healthy.proc.poll() is None

@@ -77,7 +77,13 @@ class Fake:
 
 class FakeStore(Fake):
     max_deliveries = 3
-    owned = True  # False: the claim's lease ran out and it was re-queued
+    client = None
+    keys = QueueKeys(f"batching.{TASK}")
+    owned = True  # False: the claim's lease ran out and it was re-queued while the results were being written
+    still_ours = True  # False: the claim was taken over before the keeper got to this batch
+
+    def owns(self, claim: Claim) -> bool:
+        return self.still_ours
 
     def finish(self, claim: Claim, finish: Finish) -> bool:
         self.called("finish")
@@ -86,9 +92,13 @@ class FakeStore(Fake):
 
 
 class FakeWriter(Fake):
-    def write(self, outcomes: list[Outcome]) -> None:
+    accepts = True  # False: the write's fence found the claim gone and wrote nothing
+
+    def write(self, outcomes: list[Outcome], fence: tuple[str, str] | None = None) -> bool:
         self.called("write")
-        self.journal.written.append([(o.task_id, o.state) for o in outcomes])
+        if self.accepts:
+            self.journal.written.append([(o.task_id, o.state) for o in outcomes])
+        return self.accepts
 
 
 class FakeEvents(Fake):
@@ -231,6 +241,27 @@ def test_a_claim_lost_to_its_lease_is_logged_not_raised(journal, caplog) -> None
 
     assert journal.calls == ORDER
     assert "outlived its lease and was re-queued" in caplog.text
+
+
+def test_a_claim_taken_over_before_settling_drops_every_follow_up_and_result(journal, caplog) -> None:
+    store = FakeStore(journal)
+    store.still_ours = False
+
+    make_keeper(journal, store=store).settle(batch_of(2, Flaky("x")))
+
+    assert journal.calls == [] and journal.written == [] and journal.finished == []
+    assert "dropped the 2 outcome(s) of this late run" in caplog.text
+
+
+def test_a_write_fenced_off_stops_before_anything_that_follows_the_results(journal, caplog) -> None:
+    writer = FakeWriter(journal)
+    writer.accepts = False
+
+    make_keeper(journal, writer=writer).settle(batch_of(2))
+
+    assert journal.calls == ORDER[: ORDER.index("write") + 1]
+    assert journal.written == [] and journal.finished == []
+    assert "dropped the 1 outcome(s) of this late run" in caplog.text
 
 
 # -- settle: retries ---------------------------------------------------------------------------------------------

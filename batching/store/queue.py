@@ -162,6 +162,10 @@ class QueueStore:
         )
         return bool(finished)
 
+    def owns(self, claim: Claim) -> bool:
+        """True while the claim is registered: its lease has not been taken over by another consumer."""
+        return self.client.zscore(self.keys.claims, claim.claim_id) is not None
+
     def release(self, claim_ids: Iterable[str]) -> int:
         """Give back claims whose batches never started, to the front of their queue; returns messages requeued."""
         requeued, _dead = self._requeue_claims("release", list(claim_ids))

@@ -46,6 +46,8 @@ class Keeper:
         self.accept = accept
         self.stop = stop
         self.writer = ResultWriter(app.backend)
+        #: Results go to the broker's Redis database: the write itself can check the claim is still ours.
+        self.fence_in_write = self.writer.fences_on(store.client)
         self.events = events
         self.metrics = metrics
 
@@ -54,10 +56,20 @@ class Keeper:
         (``Stopped``: the claim is then left to the lease)."""
         app, name = self.app, self.settings.name
         outcomes = batch.outcomes()
+        # Fencing: a consumer whose lease ran out (partitioned, paused) may find its batch re-queued and run
+        # elsewhere. Then none of its follow-ups or results may land: the other run's stand. Checked before the
+        # follow-ups, and again atomically with the results when they share the broker's Redis.
+        claim = batch.claim
+        if claim and not with_retries(lambda: self.store.owns(claim), self.outage, self.stop):
+            self._fenced_off(batch, outcomes)
+            return
         retries = canvas.plan_retries(self.settings.retry, outcomes)
         canvas.send_callbacks(app, outcomes)
         batch.finish.ran = len(batch.items)
-        with_retries(lambda: self.writer.write(outcomes), self.outage, self.stop)
+        fence = (self.store.keys.claims, claim.claim_id) if claim and self.fence_in_write else None
+        if not with_retries(lambda: self.writer.write(outcomes, fence), self.outage, self.stop):
+            self._fenced_off(batch, outcomes)
+            return
         canvas.after_store(app, outcomes)
         canvas.send_retries(app, name, retries)
         self.events.send_batch(
@@ -71,6 +83,13 @@ class Keeper:
             logger.warning("batching %s: dead-lettered a message: %s", name, reason)
         if self.metrics is not None:
             self.metrics.settled(name, outcomes, batch.claimed_at, len(batch.finish.dead))
+
+    def _fenced_off(self, batch: Batch, outcomes: list[Outcome]) -> None:
+        logger.warning("batching %s: the claim of %d message(s) was taken over after this consumer's lease ran out; "
+                       "dropped the %d outcome(s) of this late run (the other run's stand)",
+                       self.settings.name, len(batch.claim), len(outcomes))
+        if self.metrics is not None:
+            self.metrics.late_outcomes.labels(self.settings.name).inc(len(outcomes))
 
     def maintain(self, consumer_id: str, active: list[str]) -> None:
         """Keep our leases alive and recover the claims of consumers that died."""

@@ -35,3 +35,13 @@ def stamp(x):
             pipe.hincrby("clocks:runs", v, 1)
         pipe.execute()
     return x
+
+
+@batched(app, batch_size=8, max_delay=0.05, lease_s=2.0, name="clocks.tag")
+def tag(x):
+    """Tags each input with the worker's pid. The first call ever holds until the test releases it, so its worker
+    can be paused (as a partition would cut it off) while it holds a claim."""
+    if R.incr("clocks:tag_calls") == 1:
+        while not R.exists("clocks:release"):
+            time.sleep(0.01)
+    return [f"{os.getpid()}:{v}" for v in x]
