@@ -16,8 +16,9 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
-from .errors import ConfigurationError
+from .errors import BrokerOutOfMemory, ConfigurationError
 from .merge import CallSpec, execute
 from .model import ModelHandle
 from .policy import FlushPolicy
@@ -54,7 +55,15 @@ class BatchedTask(Task):
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
-        return super().apply_async((), bound, *rest, **options)
+        try:
+            return super().apply_async((), bound, *rest, **options)
+        except OperationalError as exc:
+            if "maxmemory" not in str(exc):
+                raise
+            raise BrokerOutOfMemory(
+                f"Redis is out of memory (used memory is over its maxmemory), so {self.name} was not queued; retry "
+                f"later, or make room: {exc}"
+            ) from exc
 
     def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:
         """Enqueue many requests in one round trip per thousand; see ``batching.submit_many``."""

@@ -34,6 +34,8 @@ class QueueStatus:
     dead: int
     #: Consumers whose last heartbeat is within ``LIVE_LEASES`` leases.
     consumers: int
+    #: The queue's lease in seconds: heartbeats come every quarter of it.
+    lease_s: float
     #: Seconds since the next message to be served was sent; ``None`` when the queue is empty or the message
     #: carries no ``sent_at`` header.
     oldest_age_s: float | None
@@ -43,6 +45,9 @@ class QueueStatus:
     mean_batch_size: float | None
     #: Batches run so far, by size: size -> batches.
     batch_sizes: dict[int, int]
+    #: Seconds since each recently seen consumer's last heartbeat (every lease/4 while it is healthy): the health
+    #: signal of a consumer that is up but wedged.
+    heartbeat_ages_s: dict[str, float]
 
 
 def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
@@ -60,10 +65,11 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         pipe.llen(keys.dead)
         pipe.zcount(keys.consumers, now - LIVE_LEASES * store.lease_s, "+inf")
         pipe.hgetall(keys.stats)
+        pipe.zrange(keys.consumers, 0, -1, withscores=True)
         reply: list[Any] = pipe.execute()
     n = len(lists)
     lengths, ends = reply[:n], reply[n:2 * n]
-    claim_ids, delayed, dead, consumers, stats = reply[2 * n:]
+    claim_ids, delayed, dead, consumers, stats, beats = reply[2 * n:]
     # Highest priority first: the first non-empty list holds the next message to be served.
     oldest = next((raw for raw in ends if raw is not None), None)
     sizes = batch_sizes(stats)
@@ -77,11 +83,13 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         delayed=int(delayed),
         dead=int(dead),
         consumers=int(consumers),
+        lease_s=store.lease_s,
         oldest_age_s=_age(oldest, now),
         batches=batches,
         requests=int(stats.get(b"requests", 0)),
         mean_batch_size=sum(size * count for size, count in sizes.items()) / batches if batches else None,
         batch_sizes=dict(sorted(sizes.items())),
+        heartbeat_ages_s={c.decode(): max(0.0, now - float(at)) for c, at in beats},
     )
 
 

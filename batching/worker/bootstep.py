@@ -17,6 +17,7 @@ from celery import bootsteps
 from ..task import batched_tasks
 from .consumer import BatchConsumer
 from .events import task_events_enabled
+from .supervisor import Supervisor
 from .tunables import STOP_TIMEOUT_S, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class BatchingStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.consumers: list[BatchConsumer] = []
+        self.supervisor: Supervisor | None = None
         self.tasks = batched_tasks(worker.app)
         # Unknown batching_* settings fail the worker here, before it serves anything, naming the valid ones.
         self.settings = WorkerSettings.from_app(worker.app.conf, os.environ)
@@ -51,11 +53,11 @@ class BatchingStep(bootsteps.StartStopStep):
             from .metrics import Metrics  # prometheus-client is imported only when the endpoint is on
 
             metrics = Metrics()
+        options = dict(hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
+                       metrics=metrics)
+        by_name = {task.name: task for task in self.tasks}
         for task in self.tasks:
-            consumer = BatchConsumer.for_task(
-                task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
-                metrics=metrics,
-            )
+            consumer = BatchConsumer.for_task(task, **options)
             consumer.start()
             self.consumers.append(consumer)
             policy = consumer.settings.policy
@@ -66,8 +68,12 @@ class BatchingStep(bootsteps.StartStopStep):
         if metrics is not None and self.settings.metrics_port is not None:
             metrics.watch_queues((c.name, c.store) for c in self.consumers)
             metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
+        self.supervisor = Supervisor(self.consumers, lambda old: BatchConsumer.for_task(by_name[old.name], **options))
+        self.supervisor.start()
 
     def stop(self, worker: Any) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for consumer in self.consumers:
             consumer.request_stop()  # signal all first, so they wind down in parallel
         for consumer in self.consumers:

@@ -16,6 +16,7 @@ Writing batch *k*'s results overlaps the model running batch *k+1*, which overla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -82,6 +83,7 @@ class BatchConsumer:
         self.events = BatchEvents(app, hostname, events_enabled)
         self._connection: Any = None
         self._stopping = threading.Event()
+        self._abandoned = False
         # The next batch waits in this one-place slot for the model thread, which takes it without waking the
         # fetch thread; the fetch thread tops it up, under the same lock, until it is taken.
         self._slot: Any = None
@@ -123,6 +125,23 @@ class BatchConsumer:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def dead_threads(self) -> list[str]:
+        """Names of this consumer's threads that ended although it was not asked to stop (a bug)."""
+        if self._stopping.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
+    def abandon(self) -> None:
+        """Give up on this consumer without finishing anything: its threads wind down, its heartbeats stop, and
+        whatever it claimed is recovered through the lease by the consumer that replaces it."""
+        self._abandoned = True
+        self._stopping.set()
+        with self._slot_changed:
+            self._slot = _STOP
+            self._slot_changed.notify_all()
+        with contextlib.suppress(queue.Full):
+            self._done.put_nowait(_STOP)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Warm stop: claim nothing more, give back what has not started, finish and store the batch in hand.
@@ -280,21 +299,31 @@ class BatchConsumer:
     def _keeper_loop(self) -> None:
         beat_s = self.settings.lease_s / 4
         next_beat = 0.0
-        while True:
+        while not self._abandoned:
             try:
                 item = self._done.get(timeout=max(0.0, next_beat - time.monotonic()))
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if item is _STOP or self._abandoned:
                 break
             if item is not None:
                 self._settle(item)
             if time.monotonic() >= next_beat:
-                with self._lock:
-                    active = list(self._active)
-                self._require_keeper().maintain(self.consumer_id, active)
+                self._maintain()
                 next_beat = time.monotonic() + beat_s
-        self._require_keeper().close(self.consumer_id)
+        try:
+            self._require_keeper().close(self.consumer_id)
+        except Exception:
+            logger.exception("batching %s: closing the consumer failed", self.name)
+
+    def _maintain(self) -> None:
+        with self._lock:
+            active = list(self._active)
+        try:
+            self._require_keeper().maintain(self.consumer_id, active)
+        except Exception:
+            # Heartbeats must go on: a failure here is logged and the next beat tries again.
+            logger.exception("batching %s: heartbeat or recovery failed; trying again next beat", self.name)
 
     def _settle(self, batch: Batch) -> None:
         try:

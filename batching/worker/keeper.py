@@ -60,7 +60,7 @@ class Keeper:
         # elsewhere. Then none of its follow-ups or results may land: the other run's stand. Checked before the
         # follow-ups, and again atomically with the results when they share the broker's Redis.
         claim = batch.claim
-        if claim and not with_retries(lambda: self.store.owns(claim), self.outage, self.stop):
+        if claim and not with_retries(lambda: self.store.owns(claim), self.outage, self.stop, writes=False):
             self._fenced_off(batch, outcomes)
             return
         retries = canvas.plan_retries(self.settings.retry, outcomes)

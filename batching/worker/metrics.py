@@ -99,6 +99,10 @@ class _QueueCollector(Collector):
             "delayed": GaugeMetricFamily("batching_delayed", "Messages parked until their ETA", labels=["task"]),
             "dead": GaugeMetricFamily("batching_dead_letters", "Messages in the dead-letter list", labels=["task"]),
             "consumers": GaugeMetricFamily("batching_consumers", "Live consumers of the queue", labels=["task"]),
+            "heartbeat": GaugeMetricFamily(
+                "batching_consumer_heartbeat_age_seconds", "Seconds since a consumer's last heartbeat (every lease/4 "
+                "while healthy)", labels=["task", "consumer"],
+            ),
         }
         for name, store in self.stores:
             try:
@@ -113,4 +117,6 @@ class _QueueCollector(Collector):
             families["delayed"].add_metric([name], s.delayed)
             families["dead"].add_metric([name], s.dead)
             families["consumers"].add_metric([name], s.consumers)
+            for consumer, age in s.heartbeat_ages_s.items():
+                families["heartbeat"].add_metric([name, consumer], age)
         yield from families.values()

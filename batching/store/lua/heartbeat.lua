@@ -17,4 +17,6 @@ for i = 3, #ARGV do
   redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
 end
 redis.call('ZADD', KEYS[2], now, ARGV[2])
+-- Consumers gone for ten leases (killed, never said goodbye) leave the list, so it does not grow without end.
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 10 * tonumber(ARGV[1]))
 return t
