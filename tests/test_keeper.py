@@ -85,6 +85,9 @@ class FakeStore(Fake):
     def owns(self, claim: Claim) -> bool:
         return self.still_ours
 
+    def outlived_data(self, claim: Claim) -> bool:
+        return False  # taken over by another consumer, not lost with Redis's data
+
     def finish(self, claim: Claim, finish: Finish) -> bool:
         self.called("finish")
         self.journal.finished.append((claim, finish))
@@ -240,7 +243,7 @@ def test_a_claim_lost_to_its_lease_is_logged_not_raised(journal, caplog) -> None
     make_keeper(journal, store=store).settle(batch_of(2))
 
     assert journal.calls == ORDER
-    assert "outlived its lease and was re-queued" in caplog.text
+    assert "outlived its lease and was taken over while its results were stored" in caplog.text
 
 
 def test_a_claim_taken_over_before_settling_drops_every_follow_up_and_result(journal, caplog) -> None:
@@ -251,6 +254,18 @@ def test_a_claim_taken_over_before_settling_drops_every_follow_up_and_result(jou
 
     assert journal.calls == [] and journal.written == [] and journal.finished == []
     assert "dropped the 2 outcome(s) of this late run" in caplog.text
+
+
+def test_a_claim_lost_with_redis_s_data_still_gets_its_results_stored(journal, caplog, monkeypatch) -> None:
+    store = FakeStore(journal)
+    store.still_ours = False
+    monkeypatch.setattr(store, "outlived_data", lambda claim: True)
+
+    make_keeper(journal, store=store).settle(batch_of(2, 3))
+
+    assert journal.written == [[("t0", states.SUCCESS), ("t1", states.SUCCESS)]]
+    assert journal.finished == []  # nothing left in Redis to finish
+    assert "Redis lost its data while a batch of 2 ran; storing its results anyway" in caplog.text
 
 
 def test_a_write_fenced_off_stops_before_anything_that_follows_the_results(journal, caplog) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from types import ModuleType
@@ -12,8 +16,11 @@ import redis
 from celery import Celery, states
 
 from batching import BrokerOutOfMemory, batched
+from batching.redis_server import find_redis_server, free_port
 from batching.worker.consumer import BatchConsumer
 from batching.worker.supervisor import Supervisor
+from tests.conftest import Worker
+from tests.test_reliability import _pings
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -84,3 +91,46 @@ def test_a_consumer_whose_thread_died_is_replaced_and_its_claims_come_back(redis
             consumer.stop(5)
     client = redis.Redis.from_url(redis_url)
     assert client.zcard(consumers[0].store.keys.claims) == 0  # type: ignore[union-attr]
+
+
+def test_a_redis_that_lost_its_data_is_reported_loudly_once(tmp_path, reliable) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start_redis() -> subprocess.Popen[bytes]:  # no persistence at all: a restart loses everything
+        proc = subprocess.Popen(
+            [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _pings(url), 10, "redis-server to start")
+        return proc
+
+    server = start_redis()
+    worker = Worker("tests.apps.reliable", url, tmp_path / "w.log", "--pool", "solo")
+    try:
+        worker.ready()
+        assert "the broker Redis keeps nothing on disk" in worker.output()
+        queued = subprocess.run(  # a client bound to this Redis: tasks queued before the restart
+            [sys.executable, "-c", "from tests.apps import reliable as r\n"
+             "for i in range(200): r.steady.apply_async(kwargs={'x': i}, countdown=60)"],
+            env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, check=False,
+        )
+        assert queued.returncode == 0, queued.stderr
+        server.terminate()
+        server.wait(10)
+        server = start_redis()
+        lost = "batching tests.apps.reliable.steady: REDIS LOST ITS DATA"
+        wait_until(lambda: lost in worker.output(), 30, "the worker to notice the loss", detail=worker.output)
+        status = subprocess.run(
+            [sys.executable, "-m", "batching.cli", "status", "-A", "tests.apps.reliable", "--json"],
+            env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, check=True,
+        )
+        rows = {row["task"]: row for row in json.loads(status.stdout)["tasks"]}
+        assert rows["tests.apps.reliable.steady"]["data_lost_at"] is not None
+        time.sleep(2)  # several more heartbeats: the loss is reported once, not on every beat
+        assert worker.output().count(lost) == 1
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        server.terminate()
+        server.wait(10)

@@ -110,7 +110,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             heartbeat = f"[yellow]{heartbeat}[/]"  # a consumer that stopped beating: wedged, or gone
         table.add_row(escape(r.task), escape(r.queue), str(r.depth), str(r.in_flight), str(r.claims),
                       str(r.delayed), dead, consumers, heartbeat, oldest, str(r.batches), mean)
-    console().print(table)
+    out = console()
+    out.print(table)
+    for r in rows:
+        if r.data_lost_at is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.data_lost_at))
+            out.print(f"[red]{escape(r.task)}: Redis lost its data at {when} (a restart without persistence or a "
+                      "flush): what was queued or claimed then is gone[/]")
     return 0
 
 

@@ -38,6 +38,8 @@ class Claim:
     next_eta: float | None = None
     #: How many times the (single) message of this claim was handed out before without finishing.
     redelivered: int = 0
+    #: The queue's epoch when it was claimed: a claim from before Redis lost its data is gone, not taken over.
+    epoch: str | None = None
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -67,6 +69,8 @@ class QueueStore:
         self._heartbeat = script(client, "heartbeat.lua")
         #: Redis's clock minus this host's, in seconds: every time decision is Redis's (see ``now``).
         self.clock_offset_s = 0.0
+        #: The queue's epoch as this store last saw it (``join_epoch``, heartbeats).
+        self.epoch: str | None = None
 
     @classmethod
     def open(cls, app: Any, settings: BatchSettings) -> tuple[QueueStore, Any]:
@@ -94,7 +98,14 @@ class QueueStore:
         return cls(client, keys, lease_s=settings.lease_s, max_deliveries=settings.max_deliveries), connection
 
     def new_claim(self) -> Claim:
-        return Claim(uuid.uuid4().hex)
+        return Claim(uuid.uuid4().hex, epoch=self.epoch)
+
+    def join_epoch(self) -> str:
+        """Read the queue's epoch marker, setting it if this is the first consumer (see ``lua/heartbeat.lua``)."""
+        self.client.set(self.keys.epoch, uuid.uuid4().hex, nx=True)
+        epoch = self.client.get(self.keys.epoch)
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        return self.epoch
 
     def now(self) -> float:
         """Redis's current time (unix seconds), as last measured: the one clock of every consumer and client.
@@ -166,21 +177,31 @@ class QueueStore:
         """True while the claim is registered: its lease has not been taken over by another consumer."""
         return self.client.zscore(self.keys.claims, claim.claim_id) is not None
 
+    def outlived_data(self, claim: Claim) -> bool:
+        """True if Redis lost its data since ``claim`` was made (the epoch marker is gone or new): the claim did
+        not pass to another consumer, it vanished with everything else."""
+        epoch = self.client.get(self.keys.epoch)
+        return epoch is None or epoch.decode() != claim.epoch  # type: ignore[union-attr]
+
     def release(self, claim_ids: Iterable[str]) -> int:
         """Give back claims whose batches never started, to the front of their queue; returns messages requeued."""
         requeued, _dead = self._requeue_claims("release", list(claim_ids))
         return requeued
 
-    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> None:
+    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> bool:
         """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive.
 
-        Also re-measures the clock offset from the TIME the script returns.
+        Also re-measures the clock offset from the TIME the script returns. Returns True if this heartbeat found
+        that Redis had lost its data (the epoch marker was gone; a new epoch starts).
         """
         sent_at = time.time()
-        seconds, micros = self._heartbeat(
-            keys=[self.keys.claims, self.keys.consumers], args=[self.lease_s, consumer_id, *claim_ids]
+        seconds, micros, epoch, lost = self._heartbeat(
+            keys=[self.keys.claims, self.keys.consumers, self.keys.epoch],
+            args=[self.lease_s, consumer_id, uuid.uuid4().hex, *claim_ids],
         )
         self._set_offset(sent_at, int(seconds) + int(micros) / 1e6)
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        return bool(int(lost))
 
     def leave(self, consumer_id: str) -> None:
         self.client.zrem(self.keys.consumers, consumer_id)

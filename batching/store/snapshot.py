@@ -48,6 +48,8 @@ class QueueStatus:
     #: Seconds since each recently seen consumer's last heartbeat (every lease/4 while it is healthy): the health
     #: signal of a consumer that is up but wedged.
     heartbeat_ages_s: dict[str, float]
+    #: When the consumers last found that Redis had lost its data (unix seconds), if ever.
+    data_lost_at: float | None
 
 
 def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
@@ -66,10 +68,11 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         pipe.zcount(keys.consumers, now - LIVE_LEASES * store.lease_s, "+inf")
         pipe.hgetall(keys.stats)
         pipe.zrange(keys.consumers, 0, -1, withscores=True)
+        pipe.get(keys.lost)
         reply: list[Any] = pipe.execute()
     n = len(lists)
     lengths, ends = reply[:n], reply[n:2 * n]
-    claim_ids, delayed, dead, consumers, stats, beats = reply[2 * n:]
+    claim_ids, delayed, dead, consumers, stats, beats, lost = reply[2 * n:]
     # Highest priority first: the first non-empty list holds the next message to be served.
     oldest = next((raw for raw in ends if raw is not None), None)
     sizes = batch_sizes(stats)
@@ -90,7 +93,15 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         mean_batch_size=sum(size * count for size, count in sizes.items()) / batches if batches else None,
         batch_sizes=dict(sorted(sizes.items())),
         heartbeat_ages_s={c.decode(): max(0.0, now - float(at)) for c, at in beats},
+        data_lost_at=_lost_at(lost),
     )
+
+
+def _lost_at(entry: bytes | None) -> float | None:
+    try:
+        return float(json.loads(entry)["at"]) if entry else None
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _in_flight(store: QueueStore, claim_ids: list[str]) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from ..store.durability import persistence_warning
 from ..task import batched_tasks
 from .consumer import BatchConsumer
 from .events import task_events_enabled
@@ -68,6 +69,9 @@ class BatchingStep(bootsteps.StartStopStep):
         if metrics is not None and self.settings.metrics_port is not None:
             metrics.watch_queues((c.name, c.store) for c in self.consumers)
             metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
+        warning = persistence_warning(self.consumers[0].store.client) if self.consumers[0].store else None
+        if warning:
+            logger.warning("batching: %s", warning)
         self.supervisor = Supervisor(self.consumers, lambda old: BatchConsumer.for_task(by_name[old.name], **options))
         self.supervisor.start()
 

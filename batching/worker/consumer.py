@@ -108,6 +108,7 @@ class BatchConsumer:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
         self.store, self._connection = QueueStore.open(self.app, self.settings)
         self.store.sync_clock()
+        self.store.join_epoch()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
             stop=self._stopping, metrics=self.metrics,

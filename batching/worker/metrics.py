@@ -49,6 +49,10 @@ class Metrics:
         )
         self.items = Counter("batching_items", "Requests settled, by outcome", ["task", "outcome"], registry=r)
         self.dead_lettered = Counter("batching_dead_lettered", "Messages dead-lettered", ["task"], registry=r)
+        self.data_lost = Counter(
+            "batching_redis_data_lost", "Times the consumers found that Redis had lost its data (a restart without "
+            "persistence, a flush)", ["task"], registry=r,
+        )
         self.late_outcomes = Counter(
             "batching_late_outcomes", "Outcomes dropped because their claim had been taken over (lease ran out)",
             ["task"], registry=r,
