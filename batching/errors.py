@@ -5,6 +5,7 @@
     BatchingError
     ├── ConfigurationError        bad decorator/consumer settings; raised at definition or start-up
     ├── BrokerError               the broker cannot be used (unsupported URL, unreachable at start-up)
+    │   └── BrokerOutOfMemory     (also kombu's OperationalError) Redis refused a send: it is at maxmemory
     ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
     │   └── ContentDisallowed     its serializer is not in ``accept_content``
     ├── MissingArgumentError      (also ValueError, TypeError) a request lacks required arguments; fails alone
@@ -20,6 +21,8 @@ Errors that reach a Celery client are re-raised there with their own type, so ea
 
 from __future__ import annotations
 
+from kombu.exceptions import OperationalError
+
 
 class BatchingError(Exception):
     """Base class of every error raised by ``batching``."""
@@ -31,6 +34,14 @@ class ConfigurationError(BatchingError):
 
 class BrokerError(BatchingError):
     """The app's broker cannot be used by the batching consumer."""
+
+
+class BrokerOutOfMemory(BrokerError, OperationalError):
+    """Redis is at its ``maxmemory`` and refuses writes: the request was not queued.
+
+    Also kombu's ``OperationalError``, which is what ``.delay()`` raises for a broker that refuses a send, so
+    existing ``except OperationalError`` handlers keep working.
+    """
 
 
 class MessageError(BatchingError):

@@ -18,9 +18,10 @@ from celery import Celery, Task
 from celery._state import get_current_worker_task
 from celery.result import AsyncResult
 from celery.utils.time import rate
+from kombu.exceptions import OperationalError
 
 from . import routing
-from .errors import ConfigurationError, UnbatchedCallError
+from .errors import BrokerOutOfMemory, ConfigurationError, UnbatchedCallError
 from .merge import CallSpec, execute
 from .model import ModelHandle
 from .policy import FlushPolicy
@@ -71,7 +72,15 @@ class BatchedTask(Task):
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
-        return super().apply_async((), bound, *rest, **options)
+        try:
+            return super().apply_async((), bound, *rest, **options)
+        except OperationalError as exc:
+            if "maxmemory" not in str(exc):
+                raise
+            raise BrokerOutOfMemory(
+                f"Redis is out of memory (used memory is over its maxmemory), so {self.name} was not queued; retry "
+                f"later, or make room: {exc}"
+            ) from exc
 
     def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:
         """Enqueue many requests in one round trip per thousand; see ``batching.submit_many``."""

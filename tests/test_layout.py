@@ -148,7 +148,7 @@ def test_a_client_that_defines_and_calls_tasks_never_imports_the_worker(redis_ur
 def test_public_surface_is_pinned() -> None:
     assert sorted(batching.__all__) == [
         "BatchResultError", "BatchSettings", "BatchedTask", "Batcher", "BatcherStopped", "BatchingError",
-        "BrokerError", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
+        "BrokerError", "BrokerOutOfMemory", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
         "MissingArgumentError", "QueueStatus", "ResultEncodeError", "UnbatchedCallError", "UnexpectedArgumentError",
         "__version__", "batched", "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead",
         "shared_batched", "submit_many",

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one row per batched task: queue depth, in flight, claims, delayed, dead letters, consumers, ...",
         description="One row per batched task of the app: queue depth (all priority lists), messages in flight "
         "(held in consumers' claims), claims, delayed (waiting for their ETA), dead letters, live consumers "
-        "(heartbeat within 2 leases), age of the next message to be served (from its sent_at header; '?' "
-        "without one), batches run and their mean size.",
+        "(heartbeat within 2 leases), the stalest consumer's heartbeat age (yellow past 2 leases: wedged or "
+        "gone), age of the next message to be served (from its sent_at header; '?' without one), batches run and "
+        "their mean size.",
     )
     status.add_argument("-A", "--app", required=True, help=APP_HELP)
     status.add_argument("--json", action="store_true", help="print the same data as JSON instead of a table")
@@ -85,7 +86,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     tasks, url = open_app(args.app)
     now = time.time()
     with redis_errors(url), _spinner(f"reading {len(tasks)} queue(s)", enabled=not args.json):
-        rows = [queue_status(task, now=now) for task in tasks]
+        rows = [queue_status(task) for task in tasks]  # each by Redis's clock
     if args.json:
         from dataclasses import asdict
 
@@ -97,16 +98,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = Table(title=f"batched tasks of {escape(args.app)} on {escape(url)}")
     table.add_column("task")
     table.add_column("queue")
-    for title in ("depth", "in flight", "claims", "delayed", "dead", "consumers", "oldest", "batches", "mean size"):
+    for title in ("depth", "in flight", "claims", "delayed", "dead", "consumers", "heartbeat", "oldest", "batches",
+                  "mean size"):
         table.add_column(title, justify="right")
     for r in rows:
         oldest = "-" if r.depth == 0 else fmt_age(r.oldest_age_s)
         mean = "-" if r.mean_batch_size is None else f"{r.mean_batch_size:.1f}"
         dead = f"[red]{r.dead}[/]" if r.dead else "0"
         consumers = f"[yellow]{r.consumers}[/]" if r.depth and not r.consumers else str(r.consumers)
+        stalest = max(r.heartbeat_ages_s.values(), default=None)
+        heartbeat = "-" if stalest is None else fmt_age(stalest)
+        if stalest is not None and r.consumers and stalest > 2 * r.lease_s:
+            heartbeat = f"[yellow]{heartbeat}[/]"  # a consumer that stopped beating: wedged, or gone
         table.add_row(escape(r.task), escape(r.queue), str(r.depth), str(r.in_flight), str(r.claims),
-                      str(r.delayed), dead, consumers, oldest, str(r.batches), mean)
-    console().print(table)
+                      str(r.delayed), dead, consumers, heartbeat, oldest, str(r.batches), mean)
+    out = console()
+    out.print(table)
+    for r in rows:
+        if r.data_lost_at is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.data_lost_at))
+            out.print(f"[red]{escape(r.task)}: Redis lost its data at {when} (a restart without persistence or a "
+                      "flush): what was queued or claimed then is gone[/]")
     return 0
 
 

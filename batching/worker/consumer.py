@@ -16,6 +16,7 @@ Writing batch *k*'s results overlaps the model running batch *k+1*, which overla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -84,6 +85,7 @@ class BatchConsumer:
         self.events = BatchEvents(app, hostname, events_enabled)
         self._connection: Any = None
         self._stopping = threading.Event()
+        self._abandoned = False
         # The next batch waits in this one-place slot for the model thread, which takes it without waking the
         # fetch thread; the fetch thread tops it up, under the same lock, until it is taken.
         self._slot: Any = None
@@ -113,6 +115,8 @@ class BatchConsumer:
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
         self.store, self._connection = QueueStore.open(self.app, self.settings)
+        self.store.sync_clock()
+        self.store.join_epoch()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
             stop=self._stopping, metrics=self.metrics,
@@ -130,6 +134,25 @@ class BatchConsumer:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def dead_threads(self) -> list[str]:
+        """Names of this consumer's threads that ended although it was not asked to stop (a bug)."""
+        if self._stopping.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
+    def abandon(self) -> None:
+        """Give up on this consumer without finishing anything: its threads wind down, its heartbeats stop, and
+        whatever it claimed is recovered through the lease by the consumer that replaces it."""
+        self._abandoned = True
+        self._stopping.set()
+        if self.task is not None:
+            control.forget_task(self.name)
+        with self._slot_changed:
+            self._slot = _STOP
+            self._slot_changed.notify_all()
+        with contextlib.suppress(queue.Full):
+            self._done.put_nowait(_STOP)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Warm stop: claim nothing more, give back what has not started, finish and store the batch in hand.
@@ -211,7 +234,7 @@ class BatchConsumer:
                 self._stopping.wait(min(timeout, limited_s))  # not store.wait: it returns at once on a full queue
                 continue
             if batch.claim.next_eta is not None:
-                timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
+                timeout = min(timeout, max(batch.claim.next_eta - store.now(), 0.0))
             store.wait(timeout)
 
     def _top_up(self, batch: Batch) -> int:
@@ -226,7 +249,7 @@ class BatchConsumer:
         if self.limiter is not None and taken < missing:
             self.limiter.refund(missing - taken)
         if taken:
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, self._require_store().now())
             if self.task is not None:
                 control.reserve(self.task, batch, first)
         return taken
@@ -277,7 +300,15 @@ class BatchConsumer:
                 self._slot = _STOP  # stay stopped
                 self._done.put(_STOP)
                 return
-            self.run(batch)
+            try:
+                self.run(batch)
+            except BaseException:
+                # The model thread must outlive anything a batch does (SystemExit or KeyboardInterrupt raised by
+                # a model included). The batch is dropped unsettled: untracked, its lease runs out and any
+                # consumer puts its messages back, where delivery counting isolates one that keeps doing this.
+                logger.exception("batching %s: running a batch of %d failed; its claim will be recovered by lease",
+                                 self.name, len(batch.claim))
+                self._untrack(batch)
 
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
@@ -293,21 +324,31 @@ class BatchConsumer:
     def _keeper_loop(self) -> None:
         beat_s = self.settings.lease_s / 4
         next_beat = 0.0
-        while True:
+        while not self._abandoned:
             try:
                 item = self._done.get(timeout=max(0.0, next_beat - time.monotonic()))
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if item is _STOP or self._abandoned:
                 break
             if item is not None:
                 self._settle(item)
             if time.monotonic() >= next_beat:
-                with self._lock:
-                    active = list(self._active)
-                self._require_keeper().maintain(self.consumer_id, active)
+                self._maintain()
                 next_beat = time.monotonic() + beat_s
-        self._require_keeper().close(self.consumer_id)
+        try:
+            self._require_keeper().close(self.consumer_id)
+        except Exception:
+            logger.exception("batching %s: closing the consumer failed", self.name)
+
+    def _maintain(self) -> None:
+        with self._lock:
+            active = list(self._active)
+        try:
+            self._require_keeper().maintain(self.consumer_id, active)
+        except Exception:
+            # Heartbeats must go on: a failure here is logged and the next beat tries again.
+            logger.exception("batching %s: heartbeat or recovery failed; trying again next beat", self.name)
 
     def _settle(self, batch: Batch) -> None:
         try:

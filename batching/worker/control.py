@@ -189,6 +189,18 @@ def forget(batch: Batch) -> None:
     batch.tracked.clear()
 
 
+def forget_task(name: str) -> None:
+    """A consumer of task ``name`` was abandoned: whatever it held leaves the worker state (its claims come back
+    through their lease, to be claimed and registered again)."""
+    requests, discard_active = worker_state.requests, worker_state.active_requests.discard
+    for tracked in list(requests.values()):  # one C call: a snapshot, whatever other threads do meanwhile
+        if isinstance(tracked, ItemRequest) and tracked.task.name == name:
+            if requests.get(tracked.id) is tracked:
+                del requests[tracked.id]
+            _claimed.pop(tracked.id, None)
+            discard_active(tracked)
+
+
 # -- remote control ------------------------------------------------------------------------------------------
 
 #: Batch queues served by consumers of this process, by name, for ``inspect active_queues``.

@@ -35,17 +35,32 @@ class ResultWriter:
         self._extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
         self._script: Any = None
 
-    def write(self, outcomes: Sequence[Outcome]) -> None:
+    def fences_on(self, broker: Any) -> bool:
+        """True if results go to the same Redis database as ``broker``'s claims: then ``write`` can check the claim
+        in the same script that stores (with another backend the keeper checks just before writing)."""
+        if not self._pipelined:
+            return False
+        ours = self.backend.client.connection_pool.connection_kwargs
+        theirs = broker.connection_pool.connection_kwargs
+        return all(ours.get(k) == theirs.get(k) for k in ("host", "port", "path", "db"))
+
+    def write(self, outcomes: Sequence[Outcome], fence: tuple[str, str] | None = None) -> bool:
+        """Store the outcomes; with ``fence`` (claims key, claim id) only while that claim is registered.
+
+        Returns False, having written nothing, when fenced off.
+        """
         outcomes = [o for o in outcomes if not (o.request is not None and o.request.ignore_result)]
         if not outcomes:
-            return
+            return True
         if not self._pipelined:
             for o in outcomes:  # other backends: their own store path, one call per task
                 self.backend.store_result(o.task_id, o.value, o.state, traceback=o.traceback, request=o.request)
-            return
+            return True
         backend: Any = self.backend
         date_done = backend.app.now().isoformat()  # one clock read per batch: they finished together
-        keys, payloads, ttls = [], [], []
+        keys: list[str] = []
+        payloads: list[Any] = []
+        ttls: list[Any] = []
         for o in outcomes:
             keys.append(backend.get_key_for_task(o.task_id))
             payloads.append(self._encode(o, date_done))
@@ -55,7 +70,10 @@ class ResultWriter:
             ttls.append(int(ttl or 0))
         if self._script is None:
             self._script = script(backend.client, "results.lua")
-        self._script(keys=keys, args=payloads + ttls)
+        if fence is not None:
+            keys.append(fence[0])
+            ttls.append(fence[1])
+        return int(self._script(keys=keys, args=[len(payloads), *payloads, *ttls])) >= 0
 
     def _encode(self, o: Outcome, date_done: str) -> Any:
         backend: Any = self.backend
