@@ -47,12 +47,13 @@ def rclient(redis_url: str) -> redis.Redis:
 class Worker:
     """A ``celery -A <app> worker`` subprocess; ``ready()`` blocks on its own 'ready' log line."""
 
-    def __init__(self, app: str, redis_url: str, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, app: str, redis_url: str, log: Path, *extra: str, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.log = log
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", "--without-mingle",
+            self.proc = subprocess.Popen(  # `prefix`: e.g. `ip netns exec NS` to run it on another "host"
+                [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", "--without-mingle",
                  "--without-gossip", "-n", f"w{os.getpid()}-{time.monotonic_ns()}@%h", *extra],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
