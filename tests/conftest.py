@@ -49,14 +49,14 @@ class Worker:
     """A ``celery -A <app> worker`` subprocess; ``ready()`` blocks on its own 'ready' log line."""
 
     def __init__(self, app: str, redis_url: str, log: Path, *extra: str, env: dict[str, str] | None = None,
-                 mingle: bool = False) -> None:
+                 mingle: bool = False, prefix: tuple[str, ...] = ()) -> None:
         self.log = log
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1", **(env or {})}
         #: The worker's node name, as ``celery inspect -d`` and ``app.control(destination=...)`` take it.
         self.nodename = f"w{os.getpid()}-{time.monotonic_ns()}@{socket.gethostname()}"
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO",
+            self.proc = subprocess.Popen(  # `prefix`: e.g. `ip netns exec NS` to run it on another "host"
+                [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO",
                  *(() if mingle else ("--without-mingle",)), "--without-gossip", "-n", self.nodename, *extra],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )

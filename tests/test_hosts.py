@@ -7,14 +7,22 @@ claims, nor runs countdown tasks early, nor revokes fresh tasks as expired.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
 from celery import states
 
+from batching.redis_server import find_redis_server, free_port
+from tests import netns
+from tests.conftest import Worker
+from tests.test_reliability import _pings
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.hosts]
@@ -95,3 +103,67 @@ def test_a_consumer_cut_off_past_its_lease_never_stores_over_the_run_that_replac
     stored = [clocks.app.AsyncResult(r.id).get(timeout=5) for r in results]
     assert stored == values  # the late run of the cut-off worker stored nothing
     assert healthy.proc.poll() is None
+
+
+def _submit(url: str, n: int) -> list[str]:
+    """Send ``n`` stamp tasks from a client process bound to ``url``; their ids."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests.apps import clocks\n"
+         f"for i in range({n}): print(clocks.stamp.delay(x=i).id)"],
+        env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, check=True, timeout=60,
+    )
+    return done.stdout.split()
+
+
+def _succeeded(client: redis.Redis, ids: list[str]) -> int:
+    metas = client.mget([f"celery-task-meta-{i}" for i in ids])
+    return sum(1 for m in metas if m and json.loads(m)["status"] == states.SUCCESS)
+
+
+def test_a_silent_partition_is_noticed_in_seconds_and_nothing_is_lost(tmp_path: Path) -> None:
+    why = netns.available()
+    if why:
+        pytest.fail(f"network namespaces are needed for this test ({why}); .ci/run provides them")
+    with netns.host(1) as far_host:
+        port = free_port()
+        server = subprocess.Popen(
+            [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", far_host.here, "--protected-mode", "no",
+             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        near_url, far_url = f"redis://127.0.0.1:{port}/0", f"redis://{far_host.here}:{port}/0"
+        client = redis.Redis.from_url(near_url)
+        try:
+            wait_until(lambda: _pings(near_url), 10, "redis-server to start")
+            far = Worker("tests.apps.clocks", far_url, tmp_path / "far.log", "--pool", "solo", prefix=far_host.prefix)
+            near = Worker("tests.apps.clocks", near_url, tmp_path / "near.log", "--pool", "solo")
+            try:
+                far.ready(), near.ready()
+                ids = _submit(near_url, 4000)
+                wait_until(lambda: "clocks.stamp" in far.output() and client.hlen("clocks:runs") > 300, 30,
+                           "both workers to be running batches")
+                far_host.cut()
+                cut_at = time.monotonic()
+                wait_until(lambda: "Redis unreachable" in far.output(), 15, "the cut-off worker to notice",
+                           detail=far.output)
+                noticed_s = time.monotonic() - cut_at
+                time.sleep(max(0.0, 8 - noticed_s))  # the partition lasts well past the 3 s lease
+                far_host.heal()
+                wait_until(lambda: _succeeded(client, ids) == len(ids), 60, "every task to succeed")
+                wait_until(lambda: "Redis is back" in far.output(), 30, "the cut-off worker to be back",
+                           detail=far.output)
+            finally:
+                far.stop()
+                near.stop()
+            print(f"silent partition of 8 s: noticed after {noticed_s:.1f} s; 4000 sent, "
+                  f"{4000 - _succeeded(client, ids)} lost, {sum(1 for v in client.hvals('clocks:runs') if int(v) > 1)} "
+                  "ran twice")
+            assert noticed_s < 6, noticed_s
+            runs = {int(k): int(v) for k, v in client.hgetall("clocks:runs").items()}
+            assert sorted(runs) == list(range(4000))
+            twice = [k for k, v in runs.items() if v > 1]
+            assert len(twice) <= 3 * 16, len(twice)  # at most what the cut-off worker held: its batches in hand
+            assert "re-queued" not in near.output().split("Redis", 1)[0]
+        finally:
+            server.terminate()
+            server.wait(10)

@@ -8,6 +8,7 @@ consumer's heartbeat keeps pushing forward; once the deadline has passed, any co
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -73,15 +74,23 @@ class QueueStore:
         self.epoch: str | None = None
 
     @classmethod
-    def open(cls, app: Any, settings: BatchSettings) -> tuple[QueueStore, Any]:
+    def open(
+        cls, app: Any, settings: BatchSettings, *, socket_timeout_s: float | None = None
+    ) -> tuple[QueueStore, Any]:
         """The store of a batched task's queue on the app's own broker settings, and the kombu connection behind it.
 
         The redis-py client shares kombu's connection pool, so URL, password, ``rediss://`` TLS and Sentinel all
         work as for ``.delay()``; keys follow the transport's ``global_keyprefix``, ``sep`` and
         ``priority_steps``. Raises ``BrokerError`` for a broker that is not Redis or cannot be reached.
+
+        With ``socket_timeout_s`` its connections fail a read that gets no answer within that time and probe idle
+        links with TCP keepalive, unless the app's ``broker_transport_options`` say otherwise: a silent partition
+        (packets dropped, no reset) is then an outage within seconds, not when TCP gives up minutes later.
         """
         queue = settings.queue
-        connection = app.connection_for_read()
+        ours = {} if socket_timeout_s is None else dead_link_options(socket_timeout_s)
+        given = app.conf.broker_transport_options or {}
+        connection = app.connection_for_read(transport_options={k: v for k, v in ours.items() if k not in given})
         require_redis(connection, f"batched task {settings.name!r}")
         try:
             channel = connection.default_channel
@@ -269,6 +278,20 @@ class QueueStore:
         """Histogram of batch sizes run so far on this queue (all consumers)."""
         stats: dict[bytes, bytes] = self.client.hgetall(self.keys.stats)  # type: ignore[assignment]
         return batch_sizes(stats)
+
+
+def dead_link_options(socket_timeout_s: float) -> dict[str, Any]:
+    """redis-py connection options that notice a dead link: a read timeout, connect timeout and TCP keepalive."""
+    probes = {}
+    for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            probes[getattr(socket, name)] = value
+    return {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": probes,
+    }
 
 
 def require_redis(connection: Any, what: str) -> None:

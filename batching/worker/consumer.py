@@ -103,6 +103,12 @@ class BatchConsumer:
         self.task: BatchedTask | None = None
         self.limiter: RateLimiter | None = None
 
+    @property
+    def socket_timeout_s(self) -> float:
+        """How long a Redis read may go unanswered before the link counts as dead: longer than the longest blocking
+        read (``IDLE_POLL_S``), and a fraction of the lease, so a partition is noticed well before claims expire."""
+        return IDLE_POLL_S + max(1.0, min(5.0, self.settings.lease_s / 4))
+
     @classmethod
     def for_task(cls, task: BatchedTask, **options: Any) -> BatchConsumer:
         """The consumer of a batched task, with the settings the task resolves in this worker."""
@@ -114,12 +120,12 @@ class BatchConsumer:
 
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
-        self.store, self._connection = QueueStore.open(self.app, self.settings)
+        self.store, self._connection = QueueStore.open(self.app, self.settings, socket_timeout_s=self.socket_timeout_s)
         self.store.sync_clock()
         self.store.join_epoch()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
-            stop=self._stopping, metrics=self.metrics,
+            stop=self._stopping, metrics=self.metrics, socket_timeout_s=self.socket_timeout_s,
         )
         return self.store
 

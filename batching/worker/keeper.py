@@ -39,6 +39,7 @@ class Keeper:
     def __init__(
         self, app: Any, settings: BatchSettings, store: QueueStore, outage: Outage, *, events: BatchEvents,
         accept: Collection[str], stop: threading.Event, metrics: Metrics | None = None,
+        socket_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -46,7 +47,7 @@ class Keeper:
         self.outage = outage
         self.accept = accept
         self.stop = stop
-        self.writer = ResultWriter(app.backend)
+        self.writer = ResultWriter(app.backend, socket_timeout_s=socket_timeout_s)
         #: Results go to the broker's Redis database: the write itself can check the claim is still ours.
         self.fence_in_write = self.writer.fences_on(store.client)
         self.events = events

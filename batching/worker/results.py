@@ -14,12 +14,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import states
 from celery.backends.base import Backend
 from celery.backends.redis import RedisBackend
 
 from ..errors import ResultEncodeError
 from ..store.lua import script
+from ..store.queue import dead_link_options
 from .batch import Outcome
 
 logger = logging.getLogger(__name__)
@@ -28,9 +30,10 @@ logger = logging.getLogger(__name__)
 class ResultWriter:
     """Writes outcomes to one app's result backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, socket_timeout_s: float | None = None) -> None:
         self.backend = backend
         self._pipelined = isinstance(backend, RedisBackend)
+        self.client: Any = self._client(socket_timeout_s) if self._pipelined else None
         # With result_extended the meta also carries name/args/kwargs/worker/...: let Celery build all of it.
         self._extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
         self._script: Any = None
@@ -40,7 +43,7 @@ class ResultWriter:
         in the same script that stores (with another backend the keeper checks just before writing)."""
         if not self._pipelined:
             return False
-        ours = self.backend.client.connection_pool.connection_kwargs
+        ours = self.client.connection_pool.connection_kwargs
         theirs = broker.connection_pool.connection_kwargs
         return all(ours.get(k) == theirs.get(k) for k in ("host", "port", "path", "db"))
 
@@ -69,11 +72,21 @@ class ResultWriter:
                 ttl = backend.failure_expires
             ttls.append(int(ttl or 0))
         if self._script is None:
-            self._script = script(backend.client, "results.lua")
+            self._script = script(self.client, "results.lua")
         if fence is not None:
             keys.append(fence[0])
             ttls.append(fence[1])
         return int(self._script(keys=keys, args=[len(payloads), *payloads, *ttls])) >= 0
+
+    def _client(self, socket_timeout_s: float | None) -> Any:
+        """The backend's Redis client, or, given a timeout, one on the same server that notices a dead link within
+        it (Celery's default ``redis_socket_timeout`` is 120 s: a keeper would hang that long in a partition)."""
+        client: Any = self.backend.client
+        pool = client.connection_pool
+        if socket_timeout_s is None or type(pool) is not redis.ConnectionPool:  # Sentinel & co. keep their own
+            return client
+        kwargs = {**pool.connection_kwargs, **dead_link_options(socket_timeout_s)}
+        return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
     def _encode(self, o: Outcome, date_done: str) -> Any:
         backend: Any = self.backend
