@@ -115,15 +115,17 @@ def test_undecodable_message_with_a_readable_id_fails_as_that_task() -> None:
     assert outcome.request is None
 
 
-def test_undecodable_message_without_a_readable_id_is_dead_lettered_with_a_reason() -> None:
-    raw = b"{not even json"
-
+def dead_lettered_reason(raw: bytes) -> str:
+    """Triage ``raw`` alone: it must be neither run nor failed but dead-lettered; returns the reason."""
     batch = sorted_into([raw])
-
     assert (batch.items, batch.settled) == ([], [])
     ((reason, dead_raw),) = batch.finish.dead
     assert dead_raw == raw
-    assert "undecodable message: JSONDecodeError" in reason
+    return reason
+
+
+def test_undecodable_message_without_a_readable_id_is_dead_lettered_with_a_reason() -> None:
+    assert "undecodable message: JSONDecodeError" in dead_lettered_reason(b"{not even json")
 
 
 def test_message_for_another_task_fails_naming_both_tasks() -> None:
@@ -212,14 +214,7 @@ def test_message_at_the_limit_is_read() -> None:
 
 
 def test_oversized_message_without_a_correlation_id_is_dead_lettered() -> None:
-    raw = b'{"body": "' + b"A" * 5000 + b'"}'
-
-    batch = sorted_into([raw])
-
-    assert (batch.items, batch.settled) == ([], [])
-    ((reason, dead_raw),) = batch.finish.dead
-    assert dead_raw == raw
-    assert "max_message_bytes" in reason
+    assert "max_message_bytes" in dead_lettered_reason(b'{"body": "' + b"A" * 5000 + b'"}')
 
 
 def test_oversized_message_fails_under_its_own_id_whatever_its_headers_say() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import dead as cli_dead
 from . import purge as cli_purge
-from .common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
+from .common import EXIT_USAGE, CliError, app_command, console, fmt_age, open_app, redis_errors
 
 DESCRIPTION = "Inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark."
 EPILOG = """\
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    status = commands.add_parser(
-        "status", formatter_class=fmt, epilog=EPILOG,
+    status = app_command(
+        commands, "status", epilog=EPILOG, app_help=APP_HELP,
         help="one row per batched task: queue depth, in flight, claims, delayed, dead letters, consumers, ...",
         description="One row per batched task of the app: queue depth (all priority lists), messages in flight "
         "(held in consumers' claims), claims, delayed (waiting for their ETA), dead letters, live consumers "
@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         "gone), age of the next message to be served (from its sent_at header; '?' without one), batches run and "
         "their mean size.",
     )
-    status.add_argument("-A", "--app", required=True, help=APP_HELP)
     status.add_argument("--json", action="store_true", help="print the same data as JSON instead of a table")
     status.set_defaults(run=cmd_status)
 
