@@ -40,8 +40,20 @@ class Outcome:
 
     @classmethod
     def failure(cls, task_id: str, exc: BaseException, request: TaskRequest | None = None) -> Outcome:
-        trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
-        return cls(task_id, states.FAILURE, exc, request, trace)
+        return cls(task_id, states.FAILURE, exc, request, format_traceback(exc))
+
+
+#: First lines of the traceback stored for an exception that ``run_batch`` returned instead of raising: it has no
+#: frames, and a bare "ValueError: ..." would read like a truncated traceback.
+RETURNED = ("Traceback (most recent call last):\n"
+            "  (returned by run_batch as this request's result, not raised: no frames)\n")
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The traceback text Celery stores with a FAILURE: the frames if it was raised, its type and message always."""
+    if exc.__traceback__ is not None:
+        return "".join(tb.format_exception(exc))
+    return RETURNED + "".join(tb.format_exception_only(exc))
 
 
 @dataclass(slots=True)
@@ -63,6 +75,9 @@ class Batch:
     #: Unix times: first message claimed, and run_batch started (None: nothing ran).
     claimed_at: float = 0.0
     started_at: float | None = None
+    #: What observability hooks keep between running the batch and settling it (``signals.TaskSignals``); None
+    #: when nothing listens, so an unobserved batch carries nothing per item.
+    observed: Any = None
 
     def outcomes(self) -> list[Outcome]:
         """Every outcome of the batch: those decided without running, then the items' in request order."""

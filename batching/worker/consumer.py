@@ -36,7 +36,9 @@ from ..store.queue import QueueStore
 from .batch import Batch
 from .events import BatchEvents
 from .keeper import Keeper
+from .results import ResultWriter, Started
 from .runner import ModelRunner
+from .signals import TaskSignals
 from .triage import Rules, triage
 from .tunables import FORM_POLL_S, IDLE_POLL_S, MAX_UNSETTLED, TOPUP_MAX_S, TOPUP_MIN_S
 
@@ -90,7 +92,9 @@ class BatchConsumer:
         # then stops claiming, and nothing piles up in memory (an unbounded queue grew without limit under a
         # fast model).
         self._done: queue.Queue[Any] = queue.Queue(maxsize=MAX_UNSETTLED)
-        self.runner = ModelRunner(settings, model, self._done.put, metrics)
+        self.signals = TaskSignals(app, settings.name, sender=self)
+        started = Started(ResultWriter(app.backend), hostname) if settings.track_started else None
+        self.runner = ModelRunner(settings, model, self._done.put, metrics, signals=self.signals, started=started)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -107,7 +111,7 @@ class BatchConsumer:
         self.store, self._connection = QueueStore.open(self.app, self.settings)
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
-            stop=self._stopping, metrics=self.metrics,
+            stop=self._stopping, metrics=self.metrics, signals=self.signals,
         )
         return self.store
 
@@ -211,7 +215,9 @@ class BatchConsumer:
         before = len(claim.raws)
         taken = self._require_store().claim(claim, missing)
         if taken:
+            running = len(batch.items)
             triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+            self.signals.received(batch.items[running:])
         return taken
 
     def _hand_off(self, batch: Batch) -> None:

@@ -28,6 +28,7 @@ from .results import ResultWriter
 if TYPE_CHECKING:
     from ..settings import BatchSettings
     from .metrics import Metrics
+    from .signals import TaskSignals
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Keeper:
     def __init__(
         self, app: Any, settings: BatchSettings, store: QueueStore, outage: Outage, *, events: BatchEvents,
         accept: Collection[str], stop: threading.Event, metrics: Metrics | None = None,
+        signals: TaskSignals | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -48,6 +50,7 @@ class Keeper:
         self.writer = ResultWriter(app.backend)
         self.events = events
         self.metrics = metrics
+        self.signals = signals
 
     def settle(self, batch: Batch) -> None:
         """Follow up, store, finish: retried through Redis outages until done, or until the consumer stops
@@ -60,6 +63,8 @@ class Keeper:
         with_retries(lambda: self.writer.write(outcomes), self.outage, self.stop)
         canvas.after_store(app, outcomes)
         canvas.send_retries(app, name, retries)
+        if self.signals is not None:
+            self.signals.settled(batch, retries)
         self.events.send_batch(
             outcomes, received=batch.claimed_at or time.time(), started=batch.started_at, finished=time.time()
         )
@@ -93,6 +98,8 @@ class Keeper:
         with contextlib.suppress(*REDIS_ERRORS):
             self.store.leave(consumer_id)
         self.events.close()
+        if self.signals is not None:
+            self.signals.close()
 
 
 def never_finished(raws: Iterable[bytes], accept: Collection[str], max_deliveries: int) -> list[Outcome]:
