@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 TASK = "tests.apps.traced.shout"
 
 
-def test_each_item_gets_a_consumer_span_in_the_clients_trace(redis_url: str, rclient: redis.Redis,
-                                                             start_worker: Callable[..., Any]) -> None:
+def test_a_consumer_span_per_item_in_the_clients_trace_and_a_linked_batch_span(
+    redis_url: str, rclient: redis.Redis, start_worker: Callable[..., Any]
+) -> None:
     rclient.delete("traced:spans")
     # Everything is queued before the worker starts, so one batch holds the traced items and an untraced one.
     sent = subprocess.run([sys.executable, "-c", "from tests.apps.traced import client; client()"], cwd=ROOT,
@@ -55,4 +56,10 @@ def test_each_item_gets_a_consumer_span_in_the_clients_trace(redis_url: str, rcl
     assert batches[b"size:4"] == b"1"  # all four items ran as one batch
     # The untraced item starts a trace of its own: it is not a child of its neighbours' spans in the batch.
     assert found[untraced]["parent"] is None and found[untraced]["trace_id"] != client["trace_id"]
+    # The batch span (OTEP 0220): linked to every item's span; the model's own span is its child.
+    (batch,) = [s for s in spans if s["name"] == f"run_batch/{TASK}"]
+    assert sorted(batch["links"]) == sorted(found[i]["span_id"] for i in (hello, bad, bulk, untraced))
+    assert batch["attributes"]["batching.batch_size"] == 4
+    (model,) = [s for s in spans if s["name"] == "model-call"]
+    assert (model["parent"], model["trace_id"]) == (batch["span_id"], batch["trace_id"])
     assert "no existing span found" not in worker.output() and "Failed to detach context" not in worker.output()

@@ -88,17 +88,20 @@ class TaskRequest:
     task_name = property(lambda self: self.task)
 
     @property
-    def time_limit(self) -> float | None:
-        return (self.timelimit or (None, None))[0]
+    def time_limit(self) -> Any:
+        limits = self.timelimit
+        return limits[0] if isinstance(limits, (list, tuple)) and len(limits) >= 2 else None
 
     @property
-    def soft_time_limit(self) -> float | None:
-        return (self.timelimit or (None, None))[1]
+    def soft_time_limit(self) -> Any:
+        limits = self.timelimit
+        return limits[1] if isinstance(limits, (list, tuple)) and len(limits) >= 2 else None
 
     @property
     def delivery_info(self) -> dict[str, Any]:
         """kombu's delivery info of the message; ``routing_key`` is the batch queue it was taken from."""
-        info = dict(self._props.get("delivery_info") or {})
+        given = self._props.get("delivery_info")
+        info = dict(given) if isinstance(given, dict) else {}
         info.setdefault("exchange", "")
         info["routing_key"] = self._queue
         info.setdefault("priority", self._props.get("priority"))

@@ -58,6 +58,8 @@ class ModelRunner:
         except SoftTimeLimitExceeded as exc:  # the soft limit fired as the call returned
             if results is None:
                 results = [exc] * len(batch.items)
+        if self.signals is not None:
+            self.signals.ran(batch)
         if self.metrics is not None:
             self.metrics.batch_ran(self.settings.name, len(batch.items), time.time() - batch.started_at)
         if not race.win():

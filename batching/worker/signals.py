@@ -26,6 +26,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
@@ -93,7 +94,16 @@ class TaskSignals:
             context.run(_guarded, task, request, signals.task_prerun.send, sender=task, task_id=request.id,
                         task=task, args=request.args, kwargs=request.kwargs)
             contexts.append(context)
-        batch.observed = contexts
+        batch.observed = _Observed(contexts, _batch_span(self.task_name, contexts))
+
+    def ran(self, batch: Batch) -> None:
+        """``run_batch`` returned (model thread): end the batch's span, if it has one."""
+        observed: _Observed | None = batch.observed
+        if observed is not None and observed.batch_span is not None:
+            try:
+                observed.batch_span.end()
+            except Exception:
+                logger.exception("batching %s: ending the batch span failed", self.task_name)
 
     # -- keeper thread -----------------------------------------------------------------------------------------
 
@@ -111,13 +121,13 @@ class TaskSignals:
         for outcome in batch.settled:
             if outcome.state == states.REVOKED and outcome.request is not None and signals.task_revoked.receivers:
                 _revoked(self.task, outcome)
-        contexts: list[contextvars.Context] | None = batch.observed
-        if contexts is None:
+        observed: _Observed | None = batch.observed
+        if observed is None:
             return
         task = self.task
         countdowns = {id(outcome): countdown for outcome, countdown in retries}
         runtime = time.time() - (batch.started_at or time.time())
-        for item, context in zip(batch.items, contexts, strict=True):
+        for item, context in zip(batch.items, observed.contexts, strict=True):
             if item.outcome is not None:
                 context.run(_finish, task, item.outcome, countdowns.get(id(item.outcome)), runtime)
 
@@ -126,6 +136,23 @@ class TaskSignals:
         sentry = _sentry()
         if sentry is not None:
             sentry.flush()
+
+
+@dataclass(slots=True)
+class _Observed:
+    """A batch's state between its prerun and its settling: each item's context, the batch's OpenTelemetry span."""
+
+    contexts: list[contextvars.Context]
+    batch_span: Any = None
+
+
+def _batch_span(task_name: str, contexts: list[contextvars.Context]) -> Any:
+    """OpenTelemetry's batch span (``otel``) when the OpenTelemetry API is loaded; nothing is imported otherwise."""
+    if "opentelemetry.trace" not in sys.modules:
+        return None
+    from . import otel
+
+    return otel.start(task_name, contexts)
 
 
 def _finish(task: Any, outcome: Outcome, countdown: float | None, runtime: float) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -50,9 +51,13 @@ def _describe(span: ReadableSpan) -> dict[str, Any]:
 
 
 def instrument(**_: Any) -> TracerProvider:
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(RedisSpanExporter()))
-    CeleryInstrumentor().instrument(tracer_provider=provider)
+    """Once per process (the solo pool sends both signals): the global provider, and the instrumentation."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(RedisSpanExporter()))
+        trace.set_tracer_provider(provider)
+        CeleryInstrumentor().instrument(tracer_provider=provider)
     return provider
 
 
@@ -62,7 +67,8 @@ signals.worker_process_init.connect(instrument, weak=False)
 
 @batched(app, batch_size=16, max_delay=0.05)
 def shout(text):
-    return [ValueError(f"cannot shout {t!r}") if t == "bad" else t.upper() for t in text]
+    with trace.get_tracer("model").start_as_current_span("model-call"):  # the model's own span, under the batch's
+        return [ValueError(f"cannot shout {t!r}") if t == "bad" else t.upper() for t in text]
 
 
 def client() -> None:
