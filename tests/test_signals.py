@@ -109,15 +109,19 @@ def test_failed_items_store_a_readable_traceback(app: Any, worker: Worker) -> No
     returned = app.double.delay(x=-5)
     raised = app.crash.delay(x=1)
     missing = app.app.send_task("tests.apps.signalled.double", kwargs={})
-    for result in (returned, raised, missing):
+    stray = app.add.apply_async((1, 2), queue="batching.tests.apps.signalled.double")  # refused by the consumer
+    for result in (returned, raised, missing, stray):
         wait_until(_in_state(result, "FAILURE"), 30, "the failure to be stored", detail=worker.output)
     assert returned.traceback.startswith("Traceback (most recent call last):")
-    assert "returned by run_batch" in returned.traceback
+    assert "run_batch returned this exception as the request's result" in returned.traceback
     assert returned.traceback.endswith("ValueError: negative input -5\n")
     assert "in crash" in raised.traceback and 'raise ModelError(f"model crashed' in raised.traceback
     assert raised.traceback.endswith("ModelError: model crashed on a batch of 1\n")
     assert isinstance(missing.result, MissingArgumentError)
     assert "MissingArgumentError: missing required argument(s): x" in missing.traceback
+    assert "the batching consumer reported this error" in stray.traceback
+    assert stray.traceback.endswith("was sent to the batch queue 'batching.tests.apps.signalled.double', which only "
+                                    "serves 'tests.apps.signalled.double'\n")
 
 
 def test_track_started_stores_started_for_the_running_batch(app: Any, worker: Worker, rclient: redis.Redis) -> None:

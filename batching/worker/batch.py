@@ -35,7 +35,7 @@ class Outcome:
     def of(cls, task_id: str, result: Any, request: TaskRequest | None = None) -> Outcome:
         """SUCCESS with ``result``, or FAILURE if ``result`` is an exception (the batch contract)."""
         if isinstance(result, Exception):
-            return cls.failure(task_id, result, request)
+            return cls(task_id, states.FAILURE, result, request, format_traceback(result, returned=True))
         return cls(task_id, states.SUCCESS, result, request)
 
     @classmethod
@@ -43,17 +43,19 @@ class Outcome:
         return cls(task_id, states.FAILURE, exc, request, format_traceback(exc))
 
 
-#: First lines of the traceback stored for an exception that ``run_batch`` returned instead of raising: it has no
-#: frames, and a bare "ValueError: ..." would read like a truncated traceback.
-RETURNED = ("Traceback (most recent call last):\n"
-            "  (returned by run_batch as this request's result, not raised: no frames)\n")
+#: What stands for the frames in the traceback of an exception that was never raised: one that ``run_batch``
+#: returned as a request's result, or one the consumer reports itself (a bad message, a hard time limit). A bare
+#: "ValueError: ..." would read like a truncated traceback.
+RETURNED = "  (no frames: run_batch returned this exception as the request's result, it was not raised)\n"
+REPORTED = "  (no frames: the batching consumer reported this error, it was not raised in the task)\n"
 
 
-def format_traceback(exc: BaseException) -> str:
+def format_traceback(exc: BaseException, returned: bool = False) -> str:
     """The traceback text Celery stores with a FAILURE: the frames if it was raised, its type and message always."""
     if exc.__traceback__ is not None:
         return "".join(tb.format_exception(exc))
-    return RETURNED + "".join(tb.format_exception_only(exc))
+    return ("Traceback (most recent call last):\n" + (RETURNED if returned else REPORTED)
+            + "".join(tb.format_exception_only(exc)))
 
 
 @dataclass(slots=True)
