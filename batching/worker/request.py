@@ -60,7 +60,10 @@ class TaskRequest:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
+        # OpenTelemetry reads ~20 names per span this way, most of them absent: a dict lookup, not an exception.
+        if key in _ATTRIBUTES:
+            return getattr(self, key, default)
+        return self._headers.get(key, default)
 
     group = property(lambda self: self._headers.get("group"))
     group_index = property(lambda self: self._headers.get("group_index"))
@@ -124,3 +127,7 @@ class TaskRequest:
 
     def __repr__(self) -> str:
         return f"<TaskRequest {self.task}[{self.id}]>"
+
+
+#: The names ``TaskRequest`` itself defines (slots, properties, defaults); any other name is a message header.
+_ATTRIBUTES = frozenset(name for cls in TaskRequest.__mro__ for name in vars(cls))

@@ -156,44 +156,55 @@ def _batch_span(task_name: str, contexts: list[contextvars.Context]) -> Any:
 
 
 def _finish(task: Any, outcome: Outcome, countdown: float | None, runtime: float) -> None:
-    """The item's final signal, then ``task_postrun`` with its state and return value."""
+    """The item's final signal, then ``task_postrun`` with its state and return value, under one push of its
+    request (as the tracer keeps one pushed from prerun to postrun)."""
     request, state, retval = outcome.request, outcome.state, outcome.value
     assert request is not None  # items always carry their request
-    if state == states.SUCCESS:
-        _guarded(task, request, signals.task_success.send, sender=task, result=retval, runtime=runtime)
-    elif state == states.FAILURE:
-        einfo = exception_info(retval, outcome.traceback)
-        _guarded(task, request, signals.task_failure.send, sender=task, task_id=request.id, exception=retval,
-                 args=request.args, kwargs=request.kwargs, traceback=retval.__traceback__, einfo=einfo)
-    elif state == states.RETRY:
-        retval = Retry(exc=outcome.value, when=countdown)
-        _guarded(task, request, signals.task_retry.send, sender=task, request=request, reason=retval,
-                 einfo=exception_info(retval, outcome.traceback))
-    elif state == states.REVOKED:
-        _revoked(task, outcome)
-    _guarded(task, request, signals.task_postrun.send, sender=task, task_id=request.id, task=task,
-             args=request.args, kwargs=request.kwargs, retval=retval, state=state)
+    stack = task.request_stack
+    stack.push(request)
+    try:
+        if state == states.SUCCESS:
+            _send(task, request, signals.task_success.send, sender=task, result=retval, runtime=runtime)
+        elif state == states.FAILURE:
+            einfo = exception_info(retval, outcome.traceback)
+            _send(task, request, signals.task_failure.send, sender=task, task_id=request.id, exception=retval,
+                  args=request.args, kwargs=request.kwargs, traceback=retval.__traceback__, einfo=einfo)
+        elif state == states.RETRY:
+            retval = Retry(exc=outcome.value, when=countdown)
+            _send(task, request, signals.task_retry.send, sender=task, request=request, reason=retval,
+                  einfo=exception_info(retval, outcome.traceback))
+        elif state == states.REVOKED:
+            _send(task, request, signals.task_revoked.send, sender=task, request=request, terminated=False,
+                  signum=None, expired="expired" in str(retval))
+        _send(task, request, signals.task_postrun.send, sender=task, task_id=request.id, task=task,
+              args=request.args, kwargs=request.kwargs, retval=retval, state=state)
+    finally:
+        stack.pop()
 
 
 def _revoked(task: Any, outcome: Outcome) -> None:
     assert outcome.request is not None
-    expired = "expired" in str(outcome.value)
     _guarded(task, outcome.request, signals.task_revoked.send, sender=task, request=outcome.request,
-             terminated=False, signum=None, expired=expired)
+             terminated=False, signum=None, expired="expired" in str(outcome.value))
 
 
 def _guarded(task: Any, request: TaskRequest, send: Callable[..., Any], /, **arguments: Any) -> None:
-    """Send with ``task.request`` pushed to the item's request, as the tracer does. ``Signal.send`` already logs
-    a receiver that raises; this also keeps anything else (a receiver raising a non-``Exception``, a task whose
-    request stack misbehaves) from costing the batch its results."""
+    """Send with ``task.request`` pushed to the item's request, as the tracer does."""
     stack = task.request_stack  # pushed as is, like the tracer does (push_request() would copy it into a Context)
     stack.push(request)
+    try:
+        _send(task, request, send, **arguments)
+    finally:
+        stack.pop()
+
+
+def _send(task: Any, request: TaskRequest, send: Callable[..., Any], /, **arguments: Any) -> None:
+    """``Signal.send`` already logs a receiver that raises; this also keeps anything else (building the einfo, a
+    receiver's non-``Exception``-derived error is not caught) from costing the batch its results."""
     try:
         send(**arguments)
     except Exception:
         logger.exception("batching %s[%s]: sending a task signal failed", task.name, request.id)
-    finally:
-        stack.pop()
 
 
 class _UnraisedExceptionInfo(ExceptionInfo):
