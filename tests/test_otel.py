@@ -19,10 +19,12 @@ pytestmark = pytest.mark.integration
 TASK = "tests.apps.traced.shout"
 
 
+# The batching consumers run in the worker's main process whatever the pool: prefork children must not matter.
+@pytest.mark.parametrize("pool", [["--pool", "solo"], ["--pool", "prefork", "-c", "1"]], ids=["solo", "prefork"])
 def test_a_consumer_span_per_item_in_the_clients_trace_and_a_linked_batch_span(
-    redis_url: str, rclient: redis.Redis, start_worker: Callable[..., Any]
+    redis_url: str, rclient: redis.Redis, start_worker: Callable[..., Any], pool: list[str]
 ) -> None:
-    rclient.delete("traced:spans")
+    rclient.delete("traced:spans", f"batching:stats:batching.{TASK}")
     # Everything is queued before the worker starts, so one batch holds the traced items and an untraced one.
     sent = subprocess.run([sys.executable, "-c", "from tests.apps.traced import client; client()"], cwd=ROOT,
                           env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=60)
@@ -31,7 +33,7 @@ def test_a_consumer_span_per_item_in_the_clients_trace_and_a_linked_batch_span(
     from tests.apps.traced import shout  # this process is not instrumented: its message carries no trace context
 
     untraced = shout.delay(text="plain").id
-    worker = start_worker("tests.apps.traced", "--pool", "solo").ready()
+    worker = start_worker("tests.apps.traced", *pool).ready()
 
     def consumer_spans() -> dict[str, dict[str, Any]] | None:
         spans = [json.loads(raw) for raw in rclient.lrange("traced:spans", 0, -1)]

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.integration
 JUDGE = "tests.apps.reported.judge"
 
 
+# The batching consumers run in the worker's main process whatever the pool: prefork children must not matter.
+@pytest.mark.parametrize("pool", [["--pool", "solo"], ["--pool", "prefork", "-c", "1"]], ids=["solo", "prefork"])
 def test_transactions_and_events_per_item(redis_url: str, rclient: redis.Redis,
-                                          start_worker: Callable[..., Any]) -> None:
+                                          start_worker: Callable[..., Any], pool: list[str]) -> None:
     rclient.delete("reported:worker", "reported:client")
     sent = subprocess.run([sys.executable, "-c", "from tests.apps.reported import client; client()"], cwd=ROOT,
                           env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=60)
@@ -31,7 +33,7 @@ def test_transactions_and_events_per_item(redis_url: str, rclient: redis.Redis,
     from tests.apps.reported import ModelError, crash
 
     crashed = [crash.delay(x=i) for i in range(3)]  # one batch, one raise: three failed items, one exception
-    worker = start_worker("tests.apps.reported", "--pool", "solo").ready()
+    worker = start_worker("tests.apps.reported", *pool).ready()
     for r in crashed:
         with pytest.raises(ModelError):
             r.get(timeout=30)
