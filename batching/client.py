@@ -56,7 +56,8 @@ def submit_many(
     # (OpenTelemetry injects its trace headers in before_task_publish), task-sent events, Sentry's trace headers.
     publish_signals = bool(before_task_publish.receivers or after_task_publish.receivers)
     sent_events = bool(app.conf.task_send_sent_event)
-    declare = [app.amqp.queues[queue]] if publish_signals else []
+    declared = app.amqp.queues.get(queue) if publish_signals else None  # .get: never adds a queue to the app
+    declare = [declared] if declared is not None else []
     retry_policy = dict(app.conf.task_publish_retry_policy or {})
     results: list[AsyncResult] = []
     with _sentry_trace(task.name) as trace_headers, app.connection_for_write() as connection:

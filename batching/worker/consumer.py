@@ -217,7 +217,7 @@ class BatchConsumer:
         if taken:
             running = len(batch.items)
             triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
-            self.signals.received(batch.items[running:])
+            self.signals.received(batch.items, running)
         return taken
 
     def _hand_off(self, batch: Batch) -> None:
