@@ -83,7 +83,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     tasks, url = open_app(args.app)
     now = time.time()
     with redis_errors(url), _spinner(f"reading {len(tasks)} queue(s)", enabled=not args.json):
-        rows = [queue_status(task, now=now) for task in tasks]
+        rows = [queue_status(task) for task in tasks]  # each by Redis's clock
     if args.json:
         from dataclasses import asdict
 

@@ -64,6 +64,9 @@ class QueueStore:
         self._ack = script(client, "ack.lua")
         self._requeue = script(client, "requeue.lua")
         self._requeue_dead = script(client, "requeue_dead.lua")
+        self._heartbeat = script(client, "heartbeat.lua")
+        #: Redis's clock minus this host's, in seconds: every time decision is Redis's (see ``now``).
+        self.clock_offset_s = 0.0
 
     @classmethod
     def open(cls, app: Any, settings: BatchSettings) -> tuple[QueueStore, Any]:
@@ -93,6 +96,25 @@ class QueueStore:
     def new_claim(self) -> Claim:
         return Claim(uuid.uuid4().hex)
 
+    def now(self) -> float:
+        """Redis's current time (unix seconds), as last measured: the one clock of every consumer and client.
+
+        Leases, heartbeats, recovery and ETAs are decided inside the scripts by Redis's TIME; what the consumer
+        decides itself (is a message expired? how long until the next ETA?) uses this, never its own clock alone.
+        """
+        return time.time() + self.clock_offset_s
+
+    def sync_clock(self) -> float:
+        """Measure Redis's clock against this host's (one round trip); returns the offset in seconds."""
+        before = time.time()
+        seconds, micros = self.client.time()
+        self._set_offset(before, seconds + micros / 1e6)
+        return self.clock_offset_s
+
+    def _set_offset(self, sent_at: float, redis_now: float) -> None:
+        # Redis read its clock somewhere within the round trip: its midpoint is the best guess.
+        self.clock_offset_s = redis_now - (sent_at + time.time()) / 2
+
     def claim(self, into: Claim, count: int) -> int:
         """Move up to ``count`` of the oldest messages into ``into``; return how many were taken.
 
@@ -100,11 +122,10 @@ class QueueStore:
         """
         if into.redelivered:
             return 0  # a suspect message runs alone
-        now = time.time()
         k = self.keys
         reply = self._claim(
             keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, *k.lists],
-            args=[count, into.claim_id, now + self.lease_s, now, len(into.raws)],
+            args=[count, into.claim_id, self.lease_s, len(into.raws)],
         )
         into.next_eta = float(reply[0]) if reply[0] else None
         taken = reply[2:]
@@ -131,7 +152,7 @@ class QueueStore:
         Returns False if the claim was no longer ours (its lease ran out and it was re-queued meanwhile).
         """
         k = self.keys
-        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), time.time(), k.queue]
+        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), k.queue]
         for eta, raw in outcome.delayed:
             args += [eta, raw]
         for reason, raw in outcome.dead:
@@ -147,13 +168,15 @@ class QueueStore:
         return requeued
 
     def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> None:
-        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive."""
-        now = time.time()
-        with self.client.pipeline(transaction=False) as pipe:
-            for claim_id in claim_ids:
-                pipe.zadd(self.keys.claims, {claim_id: now + self.lease_s}, xx=True)
-            pipe.zadd(self.keys.consumers, {consumer_id: now})
-            pipe.execute()
+        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive.
+
+        Also re-measures the clock offset from the TIME the script returns.
+        """
+        sent_at = time.time()
+        seconds, micros = self._heartbeat(
+            keys=[self.keys.claims, self.keys.consumers], args=[self.lease_s, consumer_id, *claim_ids]
+        )
+        self._set_offset(sent_at, int(seconds) + int(micros) / 1e6)
 
     def leave(self, consumer_id: str) -> None:
         self.client.zrem(self.keys.consumers, consumer_id)
@@ -163,8 +186,9 @@ class QueueStore:
 
         Returns the number of messages put back and the raw messages dead-lettered for too many deliveries.
         """
+        seconds, micros = self.client.time()
         expired: list[bytes] = self.client.zrangebyscore(  # type: ignore[assignment]
-            self.keys.claims, "-inf", time.time(), start=0, num=limit
+            self.keys.claims, "-inf", seconds + micros / 1e6, start=0, num=limit
         )
         if not expired:
             return 0, []
@@ -176,7 +200,7 @@ class QueueStore:
         k = self.keys
         reply = self._requeue(
             keys=[k.claims, k.deliveries, k.dead, *(k.claim(c) for c in claim_ids)],
-            args=[mode, time.time(), self.max_deliveries, k.queue, NEVER_FINISHED, *claim_ids],
+            args=[mode, self.max_deliveries, k.queue, NEVER_FINISHED, *claim_ids],
         )
         return int(reply[0]), list(reply[1:])
 

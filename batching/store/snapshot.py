@@ -8,7 +8,6 @@ read at the same instant), then the lengths of the claims it found. ``batching s
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +46,8 @@ class QueueStatus:
 
 
 def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
-    """Snapshot of the queue behind ``store``; ``now`` in unix seconds (default: this host's clock)."""
-    now = time.time() if now is None else now
+    """Snapshot of the queue behind ``store``; ``now`` in unix seconds (default: Redis's clock, ``store.now()``)."""
+    now = store.now() if now is None else now
     keys = store.keys
     lists = keys.lists
     with store.client.pipeline(transaction=True) as pipe:

@@ -109,6 +109,7 @@ class BatchConsumer:
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
         self.store, self._connection = QueueStore.open(self.app, self.settings)
+        self.store.sync_clock()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
             stop=self._stopping, metrics=self.metrics, signals=self.signals,
@@ -204,7 +205,7 @@ class BatchConsumer:
                 continue
             timeout = min(wait, IDLE_POLL_S, idle_until - now)
             if batch.claim.next_eta is not None:
-                timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
+                timeout = min(timeout, max(batch.claim.next_eta - store.now(), 0.0))
             store.wait(timeout)
 
     def _top_up(self, batch: Batch) -> int:
@@ -216,7 +217,7 @@ class BatchConsumer:
         taken = self._require_store().claim(claim, missing)
         if taken:
             running = len(batch.items)
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time())
+            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, self._require_store().now())
             self.signals.received(batch.items, running)
         return taken
 
@@ -266,7 +267,15 @@ class BatchConsumer:
                 self._slot = _STOP  # stay stopped
                 self._done.put(_STOP)
                 return
-            self.run(batch)
+            try:
+                self.run(batch)
+            except BaseException:
+                # The model thread must outlive anything a batch does (SystemExit or KeyboardInterrupt raised by
+                # a model included). The batch is dropped unsettled: untracked, its lease runs out and any
+                # consumer puts its messages back, where delivery counting isolates one that keeps doing this.
+                logger.exception("batching %s: running a batch of %d failed; its claim will be recovered by lease",
+                                 self.name, len(batch.claim))
+                self._untrack(batch)
 
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
