@@ -221,3 +221,38 @@ class _EventCapture:
         self.receiver.should_stop = True
         self.thread.join(5)
         self.connection.release()
+
+
+def test_with_no_receivers_a_batch_carries_nothing_per_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.utils.dispatch import Signal
+
+    from batching.store.queue import Claim
+    from batching.worker import signals as module
+    from batching.worker.batch import Batch, Item
+    from batching.worker.signals import TaskSignals, listened
+
+    # Other tests of this module connect receivers in this process: check against signals nobody listens to.
+    monkeypatch.setattr(module, "RUN_SIGNALS", tuple(Signal(name=s.name) for s in module.RUN_SIGNALS))
+    assert not listened()
+    app = Celery("quiet", set_as_current=False)
+    batched(app, echo, name="quiet.echo")
+    requests = [TaskRequest(Request(f"q{i}", "quiet.echo", [], {"x": i}, {"id": f"q{i}"}, {}), "h", "q", False)
+                for i in range(3)]
+    batch = Batch(Claim("claim"), items=[Item(r) for r in requests])
+    TaskSignals(app, "quiet.echo").prerun(batch)
+    assert batch.observed is None
+
+
+def test_einfo_of_a_returned_exception_reads_like_the_tracers() -> None:
+    from batching.worker.signals import exception_info
+
+    error = ValueError("returned, never raised")
+    einfo = exception_info(error)
+    assert (einfo.type, einfo.exception.exc, einfo.tb) == (ValueError, error, None)
+    assert einfo.traceback.startswith("Traceback (most recent call last):\n")
+    assert str(einfo).endswith("ValueError: returned, never raised\n")
+    try:
+        raise KeyError("raised")
+    except KeyError as exc:
+        raised = exception_info(exc)
+    assert raised.exception.exc.args == ("raised",) and "raise KeyError" in raised.traceback
