@@ -1,7 +1,8 @@
 """A worker app whose signal receivers record, in Redis, every task signal they get and what ``task.request`` held.
 
 One plain task runs next to the batched ones, so the tests compare a batched item's signals with Celery's own.
-One receiver always raises: Celery logs it, and nothing else may change.
+One receiver always raises: Celery logs it, and nothing else may change. The receivers are connected when the
+worker starts, so a test process importing the app to send tasks records nothing itself.
 """
 
 from __future__ import annotations
@@ -34,48 +35,50 @@ def _seen(task: Any) -> dict[str, Any]:
                 "routing_key"), "hostname": request.hostname}
 
 
-@signals.task_received.connect
 def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
     _record("received", request.id, name=request.name)
 
 
-@signals.task_prerun.connect
 def on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, args: Any = None, kwargs: Any = None,
               **_: Any) -> None:
     _record("prerun", task_id, kwargs=kwargs, **_seen(task))
 
 
-@signals.task_success.connect
 def on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     _record("success", sender.request.id, result=result, **_seen(sender))
 
 
-@signals.task_failure.connect
 def on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, einfo: Any = None, **_: Any) -> None:
     _record("failure", task_id, exc_type=type(exception).__name__, exc=str(exception),
             einfo_type=type(einfo.exception.exc).__name__, einfo_traceback=einfo.traceback, **_seen(sender))
 
 
-@signals.task_retry.connect
 def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     _record("retry", request.id, reason=str(reason), **_seen(sender))
 
 
-@signals.task_revoked.connect
 def on_revoked(sender: Any = None, request: Any = None, expired: Any = None, terminated: Any = None,
                **_: Any) -> None:
     _record("revoked", request.id, expired=expired, terminated=terminated)
 
 
-@signals.task_postrun.connect
 def on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, retval: Any = None, state: Any = None,
                **_: Any) -> None:
     _record("postrun", task_id, state=state, retval=retval, **_seen(task))
 
 
-@signals.task_prerun.connect
 def broken_receiver(**_: Any) -> None:
     raise RuntimeError("a receiver with a bug")
+
+
+@signals.worker_init.connect
+def connect_receivers(**_: Any) -> None:
+    """Only in the worker: a test process that imports this app to send tasks must not record its own signals."""
+    for signal, receiver in ((signals.task_received, on_received), (signals.task_prerun, on_prerun),
+                             (signals.task_success, on_success), (signals.task_failure, on_failure),
+                             (signals.task_retry, on_retry), (signals.task_revoked, on_revoked),
+                             (signals.task_postrun, on_postrun), (signals.task_prerun, broken_receiver)):
+        signal.connect(receiver, weak=False)
 
 
 @app.task
