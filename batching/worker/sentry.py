@@ -23,6 +23,7 @@ from celery import states
 from sentry_sdk.consts import OP, SPANDATA, SPANSTATUS
 from sentry_sdk.integrations.celery import CeleryIntegration, _capture_exception, _make_event_processor
 from sentry_sdk.tracing import TransactionSource
+from sentry_sdk.tracing_utils import has_tracing_enabled
 from sentry_sdk.utils import capture_internal_exceptions
 
 from .batch import Batch, Item
@@ -37,9 +38,12 @@ def report(task: Any, batch: Batch) -> None:
     """A transaction per item that ran (with its error event if it failed), after the batch was stored."""
     finished = time.time()
     started = batch.started_at or finished
+    # Errors only (no traces_sample_rate/traces_sampler): nothing to do for the items that succeeded.
+    tracing = has_tracing_enabled(sentry_sdk.get_client().options)
     for item in batch.items:
-        with capture_internal_exceptions():
-            _report_item(task, item, started, finished)
+        if tracing or (item.outcome is not None and item.outcome.state == states.FAILURE):
+            with capture_internal_exceptions():
+                _report_item(task, item, started, finished)
 
 
 def _report_item(task: Any, item: Item, started: float, finished: float) -> None:
