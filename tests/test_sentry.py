@@ -62,3 +62,22 @@ def test_transactions_and_events_per_item(redis_url: str, rclient: redis.Redis,
     # The batch that raised is one error (one exception instance), tagged with one of its items.
     assert [v for k, v in by_task.items() if k in crash_ids] == ["ModelError"]
     assert len(errors) == 3
+
+
+def test_errors_only_an_event_per_failed_item_and_no_transactions(redis_url: str, rclient: redis.Redis,
+                                                                   start_worker: Callable[..., Any]) -> None:
+    rclient.delete("reported:worker")
+    from tests.apps.reported import judge
+
+    results = {text: judge.delay(text=text) for text in ("fine", "bad", "worse")}
+    worker = start_worker("tests.apps.reported", "--pool", "solo", env={"REPORTED_ERRORS_ONLY": "1"}).ready()
+    assert results["fine"].get(timeout=30) == "FINE"
+    with pytest.raises(ValueError):
+        results["bad"].get(timeout=30)
+    with pytest.raises(KeyError):
+        results["worse"].get(timeout=30)
+    assert worker.stop() == 0
+    records = [json.loads(raw) for raw in rclient.lrange("reported:worker", 0, -1)]
+    assert [r["type"] for r in records] == ["event", "event"]
+    found = {r["event"]["tags"]["celery_task_id"]: r["event"]["exception"]["values"][-1]["type"] for r in records}
+    assert found == {results["bad"].id: "ValueError", results["worse"].id: "KeyError"}
