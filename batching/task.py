@@ -129,6 +129,7 @@ class BatchedTask(Task):
             time_limit=self.time_limit,
             soft_time_limit=self.soft_time_limit,
             retry=RetryPolicy.from_task(self),
+            track_started=bool(self.track_started),
         )
 
 

@@ -69,7 +69,8 @@ def test_runnable_message_becomes_an_item_carrying_its_request() -> None:
     request = item.request
     assert (request.id, request.task, request.args, request.kwargs) == (task_id, TASK, [1, "x"], {"scale": 2.0})
     assert request.hostname == "w1@box"
-    assert request.delivery_info == {"routing_key": QUEUE}
+    # As a Celery worker fills it: the exchange the client published to, the queue it was taken from.
+    assert request.delivery_info == {"exchange": "", "routing_key": QUEUE, "priority": 0, "redelivered": False}
     assert request.ignore_result is False
     assert request.root_id == task_id
     assert batch.settled == []

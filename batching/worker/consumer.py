@@ -39,7 +39,9 @@ from .batch import Batch
 from .events import BatchEvents
 from .keeper import Keeper
 from .ratelimit import RateLimiter
+from .results import ResultWriter, Started
 from .runner import ModelRunner
+from .signals import TaskSignals
 from .triage import Rules, triage
 from .tunables import FORM_POLL_S, IDLE_POLL_S, MAX_UNSETTLED, TOPUP_MAX_S, TOPUP_MIN_S
 
@@ -94,7 +96,9 @@ class BatchConsumer:
         # then stops claiming, and nothing piles up in memory (an unbounded queue grew without limit under a
         # fast model).
         self._done: queue.Queue[Any] = queue.Queue(maxsize=MAX_UNSETTLED)
-        self.runner = ModelRunner(settings, model, self._done.put, metrics)
+        self.signals = TaskSignals(app, settings.name, sender=self)
+        started = Started(ResultWriter(app.backend), hostname) if settings.track_started else None
+        self.runner = ModelRunner(settings, model, self._done.put, metrics, signals=self.signals, started=started)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -125,7 +129,7 @@ class BatchConsumer:
         self.store.join_epoch()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
-            stop=self._stopping, metrics=self.metrics, socket_timeout_s=self.socket_timeout_s,
+            stop=self._stopping, metrics=self.metrics, socket_timeout_s=self.socket_timeout_s, signals=self.signals,
         )
         return self.store
 
@@ -255,9 +259,11 @@ class BatchConsumer:
         if self.limiter is not None and taken < missing:
             self.limiter.refund(missing - taken)
         if taken:
+            running = len(batch.items)
             triage(batch, claim.raws[before:], self.rules, worker_state.revoked, self._require_store().now())
             if self.task is not None:
                 control.reserve(self.task, batch, first)
+            self.signals.received(batch.items, running)
         return taken
 
     def _hand_off(self, batch: Batch) -> None:

@@ -29,6 +29,7 @@ from .results import ResultWriter
 if TYPE_CHECKING:
     from ..settings import BatchSettings
     from .metrics import Metrics
+    from .signals import TaskSignals
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Keeper:
         self, app: Any, settings: BatchSettings, store: QueueStore, outage: Outage, *, events: BatchEvents,
         accept: Collection[str], stop: threading.Event, metrics: Metrics | None = None,
         socket_timeout_s: float | None = None,
+        signals: TaskSignals | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -52,6 +54,7 @@ class Keeper:
         self.fence_in_write = self.writer.fences_on(store.client)
         self.events = events
         self.metrics = metrics
+        self.signals = signals
 
     def settle(self, batch: Batch) -> None:
         """Follow up, store, finish: retried through Redis outages until done, or until the consumer stops
@@ -83,6 +86,8 @@ class Keeper:
             return
         canvas.after_store(app, outcomes)
         canvas.send_retries(app, name, retries)
+        if self.signals is not None:
+            self.signals.settled(batch, retries)
         self.events.send_batch(
             outcomes, received=batch.claimed_at or time.time(), started=batch.started_at, finished=time.time()
         )
@@ -134,6 +139,8 @@ class Keeper:
         with contextlib.suppress(*REDIS_ERRORS):
             self.store.leave(consumer_id)
         self.events.close()
+        if self.signals is not None:
+            self.signals.close()
 
 
 def never_finished(raws: Iterable[bytes], accept: Collection[str], max_deliveries: int) -> list[Outcome]:

@@ -11,6 +11,7 @@ guarantees that a message is processed by one consumer at a time, so that GET bu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ from celery.backends.redis import RedisBackend
 from ..errors import ResultEncodeError
 from ..store.lua import script
 from ..store.queue import dead_link_options
-from .batch import Outcome
+from .batch import Batch, Outcome
+from .request import TaskRequest
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,29 @@ class ResultWriter:
         # With result_extended the meta also carries name/args/kwargs/worker/...: let Celery build all of it.
         self._extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
         self._script: Any = None
+        self._started_script: Any = None
+
+    def write_started(self, requests: Sequence[TaskRequest], hostname: str, pid: int) -> None:
+        """STARTED for every request (``track_started``), as Celery's tracer stores it before running a task.
+
+        On Redis, one round trip for the batch that never overwrites a final state (``lua/started.lua``); other
+        backends store it per task through their own ``store_result``, as Celery's tracer does.
+        """
+        requests = [r for r in requests if not r.ignore_result]
+        if not requests:
+            return
+        info = {"pid": pid, "hostname": hostname}
+        if not self._pipelined:
+            for r in requests:
+                self.backend.store_result(r.id, info, states.STARTED, request=r)
+            return
+        backend: Any = self.backend
+        keys = [backend.get_key_for_task(r.id) for r in requests]
+        metas = [self._meta(Outcome(r.id, states.STARTED, info, r), None) for r in requests]
+        if self._started_script is None:
+            self._started_script = script(self.client, "started.lua")
+        readable = "json" if backend.serializer == "json" else "opaque"
+        self._started_script(keys=keys, args=[readable, int(backend.expires or 0), *metas])
 
     def fences_on(self, broker: Any) -> bool:
         """True if results go to the same Redis database as ``broker``'s claims: then ``write`` can check the claim
@@ -101,7 +126,7 @@ class ResultWriter:
             )
             return self._meta(Outcome.failure(o.task_id, error, o.request), date_done)
 
-    def _meta(self, o: Outcome, date_done: str) -> Any:
+    def _meta(self, o: Outcome, date_done: str | None) -> Any:
         """The meta dict of ``Backend._get_result_meta`` (same keys, same order), serialized by the backend.
 
         Celery's helper reads the clock and looks up settings per task; here the clock is read once per batch,
@@ -126,3 +151,19 @@ class ResultWriter:
                 meta["parent_id"] = request.parent_id
         meta["task_id"] = o.task_id
         return backend.encode(meta)
+
+
+class Started:
+    """STARTED for a batch's items before it runs (``track_started``): informational, so a Redis error is logged
+    and the batch runs anyway."""
+
+    def __init__(self, writer: ResultWriter, hostname: str) -> None:
+        self.writer = writer
+        self.hostname = hostname
+
+    def mark(self, batch: Batch) -> None:
+        try:
+            self.writer.write_started([item.request for item in batch.items], self.hostname, os.getpid())
+        except Exception as exc:
+            logger.warning("batching: could not store STARTED for a batch of %d (%s); running it anyway",
+                           len(batch.items), exc)
