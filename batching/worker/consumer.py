@@ -2,9 +2,10 @@
 
 The data path, top to bottom:
 
-1. fetch thread — claim the oldest messages (``store``) and sort them (``triage``) until the flush policy says
-   the batch should run; while the model is still busy with the previous batch, keep topping this one up, so
-   batches fill by themselves under load. It holds at most one batch ahead, so other consumers still get work.
+1. fetch thread (``fetch``) — claim the oldest messages (``store``) and sort them (``triage``) until the flush
+   policy says the batch should run; while the model is still busy with the previous batch, keep topping this one
+   up, so batches fill by themselves under load. It holds at most one batch ahead, so other consumers still get
+   work.
 2. model thread — merge the batch into one ``run_batch`` call and split its results (``merge``), within the
    task's time limits (``limits``).
 3. keeper thread — store every outcome in the result backend (``results``), then finish the claim (``store``):
@@ -27,23 +28,24 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 
 from ..model import ModelHandle
 from ..settings import BatchSettings
-from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
+from ..store.outage import Outage, Stopped
 from ..store.queue import QueueStore
 from . import control
 from .batch import Batch
 from .events import BatchEvents
+from .fetch import STOP as _STOP
+from .fetch import FetchThread
 from .keeper import Keeper
 from .ratelimit import RateLimiter
 from .results import ResultWriter, Started
 from .runner import ModelRunner
 from .signals import TaskSignals
-from .triage import Rules, triage
-from .tunables import FORM_POLL_S, IDLE_POLL_S, MAX_UNSETTLED, TOPUP_MAX_S, TOPUP_MIN_S
+from .triage import Rules
+from .tunables import IDLE_POLL_S, MAX_UNSETTLED
 
 if TYPE_CHECKING:
     from ..task import BatchedTask
@@ -51,10 +53,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_STOP: Any = object()
 
 
-class BatchConsumer:
+class BatchConsumer(FetchThread):
     """Serves one batched task until ``stop()``; Redis outages are waited out, never fatal."""
 
     def __init__(
@@ -181,123 +182,6 @@ class BatchConsumer:
         elif self._connection is not None:
             self._connection.release()
         return not alive
-
-    # -- fetch thread ------------------------------------------------------------------------------------------
-
-    def _fetch_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                with_retries(self._fetch_one, self.outage, self._stopping, unexpected="claiming")
-            except Stopped:
-                break
-        with self._slot_changed:
-            if self._slot is not None:
-                self._release(self._slot)
-            self._slot = _STOP
-            self._slot_changed.notify_all()
-
-    def _fetch_one(self) -> None:
-        batch = self.collect()
-        if batch is not None:
-            self._hand_off(batch)
-
-    def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
-        """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
-        store = self._require_store()
-        batch = Batch(store.new_claim())
-        self._track(batch)
-        try:
-            return self._collect_into(batch, idle_timeout_s)
-        except BaseException:
-            self._abandon_claim(batch)
-            raise
-
-    def _abandon_claim(self, batch: Batch) -> None:
-        """Drop a batch whose claim may hold messages we never saw: a claim call whose reply was lost may have
-        moved messages into it. Nothing of it is run or finished here; its lease, no longer extended, runs out
-        and any consumer puts the whole claim, unseen messages included, back at the front of the queue.
-        """
-        self._untrack(batch)
-
-    def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
-        store = self._require_store()
-        policy = self.settings.policy
-        oldest: float | None = None
-        idle_until = time.monotonic() + idle_timeout_s
-        while True:
-            if self._top_up(batch) and oldest is None:
-                oldest = time.monotonic()
-            now = time.monotonic()
-            wait = policy.wait_s(now, oldest, len(batch.claim))
-            if wait is None or (batch.claim and self._stopping.is_set()):
-                return batch
-            if not batch.claim and (now >= idle_until or self._stopping.is_set()):
-                self._untrack(batch)
-                return None
-            if batch.claim:
-                # Forming a batch: poll for the rest of max_delay. A blocking read would be rounded up by Redis,
-                # which checks blocked clients' timeouts only on its cron tick (every 100 ms at the default hz).
-                self._stopping.wait(min(wait, FORM_POLL_S))
-                continue
-            timeout = min(wait, IDLE_POLL_S, idle_until - now)
-            if self.limiter is not None and (limited_s := self.limiter.wait_s()) > 0:
-                self._stopping.wait(min(timeout, limited_s))  # not store.wait: it returns at once on a full queue
-                continue
-            if batch.claim.next_eta is not None:
-                timeout = min(timeout, max(batch.claim.next_eta - store.now(), 0.0))
-            store.wait(timeout)
-
-    def _top_up(self, batch: Batch) -> int:
-        missing = self.settings.policy.batch_size - len(batch.claim)
-        if missing <= 0:
-            return 0
-        if self.limiter is not None and not (missing := self.limiter.grant(missing)):
-            return 0
-        claim = batch.claim
-        before, first = len(claim.raws), len(batch.items)
-        taken = self._require_store().claim(claim, missing)
-        if self.limiter is not None and taken < missing:
-            self.limiter.refund(missing - taken)
-        if taken:
-            running = len(batch.items)
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, self._require_store().now())
-            if self.task is not None:
-                control.reserve(self.task, batch, first)
-            self.signals.received(batch.items, running)
-        return taken
-
-    def _hand_off(self, batch: Batch) -> None:
-        """Put the batch in the model's slot, and top it up there until the model thread takes it."""
-        if not batch.items:
-            self._done.put(batch)  # nothing to run: settle and finish it straight away
-            return
-        poll = TOPUP_MIN_S
-        with self._slot_changed:
-            self._slot = batch
-            self._slot_changed.notify_all()
-            while self._slot is batch:
-                if self._stopping.is_set():
-                    return  # the fetch loop gives the slot's batch back
-                # Topping up holds the lock for one claim round trip: the model thread may wait that long.
-                try:
-                    taken = self._top_up(batch)
-                except BaseException:
-                    self._slot = None  # never run a batch whose claim may hold messages we did not see
-                    self._abandon_claim(batch)
-                    raise
-                poll = TOPUP_MIN_S if taken else min(poll * 2, TOPUP_MAX_S)
-                self._slot_changed.wait(poll)
-
-    def _release(self, batch: Batch) -> None:
-        """Give a batch that never started back to the front of its queue."""
-        if batch.claim:
-            try:
-                requeued = self._require_store().release([batch.claim.claim_id])
-                logger.info("batching %s: gave %d unstarted message(s) back to the queue", self.name, requeued)
-            except REDIS_ERRORS as exc:
-                logger.warning("batching %s: could not give back %d message(s) (%s); their lease will",
-                               self.name, len(batch.claim), exc)
-        self._untrack(batch)
 
     # -- model thread ------------------------------------------------------------------------------------------
 
