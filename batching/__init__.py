@@ -14,6 +14,7 @@ from .errors import (
     BatchingError,
     BatchResultError,
     BrokerError,
+    BrokerOutOfMemory,
     ConfigurationError,
     ContentDisallowed,
     MessageError,
@@ -22,11 +23,13 @@ from .errors import (
     RequestAbandoned,
     ResultBackendError,
     ResultEncodeError,
+    UnbatchedCallError,
     UnexpectedArgumentError,
 )
 from .ops.deadletters import DeadLetter, list_dead, purge_dead, requeue_dead
 from .ops.status import queue_status
 from .settings import BatchSettings
+from .shared import shared_batched
 from .store.snapshot import QueueStatus
 from .task import BatchedTask, batched
 
@@ -43,6 +46,7 @@ __all__ = [
     "BatcherStopped",
     "BatchingError",
     "BrokerError",
+    "BrokerOutOfMemory",
     "ConfigurationError",
     "ContentDisallowed",
     "DeadLetter",
@@ -53,6 +57,7 @@ __all__ = [
     "RequestAbandoned",
     "ResultBackendError",
     "ResultEncodeError",
+    "UnbatchedCallError",
     "UnexpectedArgumentError",
     "__version__",
     "aio",
@@ -62,5 +67,6 @@ __all__ = [
     "purge_dead",
     "queue_status",
     "requeue_dead",
+    "shared_batched",
     "submit_many",
 ]

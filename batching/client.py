@@ -10,8 +10,10 @@ the worker cannot tell the difference.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from celery.result import AsyncResult
@@ -47,11 +49,15 @@ def submit_many(
     app = task.app
     origin = anon_nodename()
     limit = task.batching.max_queue_size
-    with app.connection_for_write() as connection:
+    # What apply_async gives observability tools: the publish signals per message (build sends them; OpenTelemetry
+    # injects its trace headers in before_task_publish), task-sent events, Sentry's trace headers.
+    sent_events = bool(app.conf.task_send_sent_event)
+    with _sentry_trace(task.name) as trace_headers, app.connection_for_write() as connection:
         channel = connection.default_channel
+        add_headers = (lambda headers: _add_sentry_headers(headers, trace_headers)) if trace_headers else None
         messages = [
             build(task, channel, (), kwargs, countdown=countdown, expires=expires, priority=priority, origin=origin,
-                  fast_repr=True)
+                  fast_repr=True, sent_event=sent_events, add_headers=add_headers)
             for kwargs in bound
         ]
         client = sync_client(channel.pool)
@@ -66,9 +72,44 @@ def submit_many(
                     for m in messages[start:start + chunk]:
                         pipe.lpush(prefix + m.key, m.raw)
                     pipe.execute()
-    for m in messages:
-        published(task, m)
+        for m in messages:
+            published(task, m)
+        if sent_events:
+            events = app.events.Dispatcher(connection, enabled=True, buffer_group=["task"])
+            try:
+                for m in messages:
+                    events.send("task-sent", **(m.sent_event or {}), queue=m.queue, exchange="", routing_key=m.queue)
+                events.flush()  # all task-sent events in one publish, after the messages they announce
+            finally:
+                events.close()
     return [tag(task.AsyncResult(m.task_id), task) for m in messages]
+
+
+@contextlib.contextmanager
+def _sentry_trace(task_name: str) -> Iterator[dict[str, str] | None]:
+    """Sentry's trace headers for a bulk submit, inside a ``queue.submit.celery`` span, when sentry-sdk is
+    initialised with ``CeleryIntegration`` (which patches ``apply_async``, a path ``submit_many`` does not take).
+    Nothing is imported when the app never imported sentry_sdk itself."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    integration = None
+    if sentry_sdk is not None:
+        from sentry_sdk.integrations.celery import CeleryIntegration
+
+        integration = sentry_sdk.get_client().get_integration(CeleryIntegration)
+    if sentry_sdk is None or integration is None or not integration.propagate_traces:
+        yield None
+        return
+    from sentry_sdk.consts import OP
+
+    with sentry_sdk.start_span(op=OP.QUEUE_SUBMIT_CELERY, name=task_name, origin=CeleryIntegration.origin) as span:
+        yield dict(sentry_sdk.get_isolation_scope().iter_trace_propagation_headers(span=span))
+
+
+def _add_sentry_headers(headers: dict[str, Any], trace: dict[str, str]) -> None:
+    """Where Sentry's ``apply_async`` patch puts them: top level, and the nested ``headers`` the worker reads."""
+    extra = {**trace, "sentry-task-enqueued-time": time.time()}
+    headers.update(extra)
+    headers.setdefault("headers", {}).update(extra)
 
 
 def gather(

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bz2
 import json
-from collections.abc import Collection, Mapping
+import lzma
+import zlib
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,8 +50,12 @@ class Undecodable:
     task: str | None = None
 
 
-def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
-    """Decode one queue element. Never raises for bad input: what cannot be used comes back as ``Undecodable``."""
+def decode(raw: bytes, accept: Collection[str] | None, max_bytes: int | None = None) -> Request | Undecodable:
+    """Decode one queue element. Never raises for bad input: what cannot be used comes back as ``Undecodable``.
+
+    ``max_bytes`` caps a compressed body's decompressed size: it is inflated incrementally and given up as soon as
+    it would pass the cap, so a small message that inflates to gigabytes never does.
+    """
     task_id: str | None = None
     task: str | None = None
     try:
@@ -63,7 +70,7 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
         if "body" not in envelope:
             raise MessageError("not a kombu message envelope (a JSON object with a 'body')")
         properties = _mapping(envelope.get("properties"), "properties")
-        body = _payload(envelope, headers, properties, accept)
+        body = _payload(envelope, headers, properties, accept, max_bytes)
         if "task" in headers:
             return _protocol2(body, headers, properties)
         if isinstance(body, dict):  # protocol 1 keeps the id in the body
@@ -77,13 +84,52 @@ def decode(raw: bytes, accept: Collection[str] | None) -> Request | Undecodable:
 
 
 def task_id_of(raw: bytes, accept: Collection[str] | None) -> str | None:
-    """The task id of a raw message, if it can be read that far."""
-    item = decode(raw, accept)
+    """The task id of a raw message, if it can be read that far.
+
+    A protocol 2 message has it in its headers, read without touching the body (which may be what killed the
+    consumers that took it); only a protocol 1 message's body is decoded, within a small decompression cap.
+    """
+    try:
+        envelope = _json_loads(raw)
+        headers = envelope.get("headers") if isinstance(envelope, dict) else None
+        if isinstance(headers, dict) and "task" in headers:
+            return _task_id(headers.get("id"))
+    except Exception:
+        return None
+    item = decode(raw, accept, max_bytes=1 << 20)
     return item.id if isinstance(item, Request) else item.task_id
 
 
+#: Streaming decompressors for kombu's built-in compression types; others are inflated whole, then checked.
+_DECOMPRESSORS: dict[str, Callable[[], Any]] = {
+    "application/x-gzip": zlib.decompressobj,
+    "application/x-bz2": bz2.BZ2Decompressor,
+    "application/x-lzma": lzma.LZMADecompressor,
+}
+
+
+def _decompress(body: bytes, method: str, max_bytes: int | None) -> bytes:
+    content_type = compression._aliases.get(method, method)
+    factory = _DECOMPRESSORS.get(content_type)
+    if factory is None or max_bytes is None:
+        out: bytes = compression.decompress(body, method)
+    else:
+        decompressor = factory()
+        out = decompressor.decompress(body, max_bytes + 1)
+        if len(out) <= max_bytes and not getattr(decompressor, "eof", True):
+            # Not at the end of the stream and under the cap: the input must be truncated.
+            raise MessageError("compressed body is truncated")
+    if max_bytes is not None and len(out) > max_bytes:
+        raise MessageError(
+            f"compressed body inflates past this task's limit of {max_bytes:,} bytes (max_message_bytes); "
+            "it was not decompressed further"
+        )
+    return out
+
+
 def _payload(
-    envelope: Mapping[str, Any], headers: Mapping[str, Any], properties: Mapping[str, Any], accept: Any
+    envelope: Mapping[str, Any], headers: Mapping[str, Any], properties: Mapping[str, Any], accept: Any,
+    max_bytes: int | None,
 ) -> Any:
     body = envelope["body"]
     if properties.get("body_encoding") == "base64":
@@ -98,7 +144,9 @@ def _payload(
         raise MessageError("message has no content-type")
     if headers.get("compression"):
         try:
-            body = compression.decompress(body, headers["compression"])
+            body = _decompress(body, headers["compression"], max_bytes)
+        except MessageError:
+            raise
         except Exception as exc:
             raise MessageError(f"cannot decompress body ({headers['compression']}): {exc}") from exc
     encoding = envelope.get("content-encoding") or "utf-8"

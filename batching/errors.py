@@ -5,6 +5,7 @@
     BatchingError
     ├── ConfigurationError        bad decorator/consumer settings; raised at definition or start-up
     ├── BrokerError               the broker cannot be used (unsupported URL, unreachable at start-up)
+    │   └── BrokerOutOfMemory     (also kombu's OperationalError) Redis refused a send: it is at maxmemory
     ├── ResultBackendError        ``batching.aio`` cannot wait on this result backend (not Redis)
     ├── QueueFull                 a send would leave more than ``max_queue_size`` requests waiting; nothing stored
     ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
@@ -14,6 +15,7 @@
     ├── BatchResultError          ``run_batch`` returned something that cannot be split per request
     ├── ResultEncodeError         one request's result cannot be serialized for the result backend
     ├── RequestAbandoned          (also Celery's TaskRevokedError) its caller stopped waiting before it was claimed
+    ├── UnbatchedCallError        (also TypeError) a call that would run items one at a time (map, chunks, ...)
     └── BatcherStopped            (also InterruptedError) the in-process ``Batcher`` was stopped
 
 Errors that reach a Celery client are re-raised there with their own type, so each class is importable from
@@ -23,6 +25,7 @@ Errors that reach a Celery client are re-raised there with their own type, so ea
 from __future__ import annotations
 
 from celery.exceptions import TaskRevokedError
+from kombu.exceptions import OperationalError
 
 
 class BatchingError(Exception):
@@ -54,6 +57,14 @@ class QueueFull(BatchingError):
         self.depth = depth
         self.retry_after = retry_after
         self.limit = limit
+
+
+class BrokerOutOfMemory(BrokerError, OperationalError):
+    """Redis is at its ``maxmemory`` and refuses writes: the request was not queued.
+
+    Also kombu's ``OperationalError``, which is what ``.delay()`` raises for a broker that refuses a send, so
+    existing ``except OperationalError`` handlers keep working.
+    """
 
 
 class MessageError(BatchingError):
@@ -89,6 +100,10 @@ class RequestAbandoned(BatchingError, TaskRevokedError):
 
     Stored as the task's REVOKED result; a ``TaskRevokedError``, so code that handles revoked tasks handles it.
     """
+
+
+class UnbatchedCallError(BatchingError, TypeError):
+    """A batched task was called in a way that would run its items one at a time in a pool process."""
 
 
 class BatcherStopped(BatchingError, InterruptedError):

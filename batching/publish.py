@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ class Message:
     raw: bytes
     body: Any
     headers: dict[str, Any]
+    sent_event: dict[str, Any] | None = None
 
 
 class _Recorder:
@@ -83,12 +84,15 @@ def build(
     reply_to: str = "",
     origin: str | None = None,
     fast_repr: bool = False,
+    sent_event: bool = False,
+    add_headers: Callable[[dict[str, Any]], None] | None = None,
 ) -> Message:
     """One message of ``task`` with ``args``/``kwargs`` (already checked), as ``task.apply_async`` would send it.
 
     ``fast_repr`` replaces Celery's ``saferepr`` of the arguments (half the cost of a message) with a truncated
-    ``repr``, for bulk sends. ``before_task_publish`` is sent with the message's mutable headers, as Celery does;
-    call ``published`` once the message is stored.
+    ``repr``, for bulk sends. ``sent_event``: prepare the ``task-sent`` event (``Message.sent_event``).
+    ``add_headers`` adds headers before anything reads them (Sentry's trace headers). ``before_task_publish`` is sent
+    with the message's mutable headers, as Celery does; call ``published`` once the message is stored.
     """
     app = task.app
     amqp = app.amqp
@@ -106,12 +110,15 @@ def build(
     message = amqp.as_task_v2(
         task_id, task.name, args=tuple(args), kwargs=kwargs, countdown=countdown, expires=expires,
         ignore_result=bool(task.ignore_result), origin=origin, reply_to=reply_to,
-        time_limit=defaults.get("time_limit"), soft_time_limit=defaults.get("soft_time_limit"), **repr_kwargs,
+        time_limit=defaults.get("time_limit"), soft_time_limit=defaults.get("soft_time_limit"),
+        create_sent_event=sent_event, **repr_kwargs,
     )
     headers, properties, body = message.headers, message.properties, message.body
     if getattr(task, "batching", None) is not None:
         # BatchedTask.apply_async adds it: when the request was sent, for queue-wait metrics and the oldest age.
         headers["sent_at"] = time.time()
+    if add_headers is not None:
+        add_headers(headers)
     signals.before_task_publish.send(
         sender=task.name, body=body, exchange="", routing_key=queue_name, declare=[], headers=headers,
         properties=properties, retry_policy=dict(app.conf.task_publish_retry_policy),
@@ -130,7 +137,7 @@ def build(
         properties["expiration"] = str(int(max(expires, 0) * 1000))
     envelope = channel.prepare_message(data, priority or 0, content_type, content_encoding, headers, properties)
     key, raw = route(channel, envelope, queue_name)
-    return Message(task_id, queue_name, key, raw, body, headers)
+    return Message(task_id, queue_name, key, raw, body, headers, message.sent_event)
 
 
 def published(task: Any, message: Message) -> None:

@@ -98,6 +98,8 @@ class BatchSettings:
     time_limit: float | None = None
     soft_time_limit: float | None = None
     retry: RetryPolicy | None = field(default=None)
+    #: Store STARTED for each request before its batch runs (``track_started`` / ``task_track_started``).
+    track_started: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.lease_s, (int, float)) and not isinstance(self.lease_s, bool)

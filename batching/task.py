@@ -15,9 +15,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery, Task
+from celery._state import get_current_worker_task
 from celery.result import AsyncResult
+from celery.utils.time import rate
+from kombu.exceptions import OperationalError
 
-from .errors import ConfigurationError
+from . import routing
+from .errors import BrokerOutOfMemory, ConfigurationError, UnbatchedCallError
 from .merge import CallSpec, execute
 from .model import ModelHandle
 from .policy import FlushPolicy
@@ -52,20 +56,42 @@ class BatchedTask(Task):
     batching: BatchSettings
     batching_model: ModelHandle
     typing = False  # our own binding below replaces Celery's check, and gives clearer messages
+    #: A message of this task that reaches a normal queue is forwarded to the batch queue (worker side only).
+    Strategy = "batching.worker.forward:forward"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Celery's task decorators build a subclass holding the function as ``run``: without ``@batched``'s
+        # settings it could never be served, and the worker would fail on it at start, plain tasks included.
+        if "run" in cls.__dict__ and "batching" not in cls.__dict__:
+            raise ConfigurationError(
+                f"task {cls.__dict__.get('name') or cls.__name__!r} uses base=BatchedTask without @batched: a "
+                "batched task needs the settings @batched gives it. Define it with @batched(app, batch_size=..., "
+                "max_delay=...) (or batching.shared_batched(...) without an app at hand) instead of "
+                "@app.task(base=BatchedTask)"
+            )
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> AsyncResult:
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
-        if self.batching.max_queue_size is None or self.app.conf.task_always_eager:
-            result = super().apply_async((), bound, *rest, **options)
-        else:
-            # A bounded queue: Celery's own send, with the final push made by the admission script.
-            options.update(zip(_APPLY_ASYNC_POSITIONAL, rest, strict=False))
-            producer = options.pop("producer", None)
-            result = send_admitted(
-                self, lambda p: super(BatchedTask, self).apply_async((), bound, producer=p, **options), producer
-            )
+        try:
+            if self.batching.max_queue_size is None or self.app.conf.task_always_eager:
+                result = super().apply_async((), bound, *rest, **options)
+            else:
+                # A bounded queue: Celery's own send, with the final push made by the admission script.
+                options.update(zip(_APPLY_ASYNC_POSITIONAL, rest, strict=False))
+                producer = options.pop("producer", None)
+                result = send_admitted(
+                    self, lambda p: super(BatchedTask, self).apply_async((), bound, producer=p, **options), producer
+                )
+        except OperationalError as exc:
+            if "maxmemory" not in str(exc):
+                raise
+            raise BrokerOutOfMemory(
+                f"Redis is out of memory (used memory is over its maxmemory), so {self.name} was not queued; retry "
+                f"later, or make room: {exc}"
+            ) from exc
         return tag(result, self)
 
     def submit_many(self, calls: Iterable[Mapping[str, Any] | Sequence[Any]], **options: Any) -> list[AsyncResult]:
@@ -75,10 +101,36 @@ class BatchedTask(Task):
         return submit_many(self, calls, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        current = get_current_worker_task()
+        if current is not None and not current.request.is_eager:
+            # Inside a task a worker runs (celery.map/starmap/chunks call their task this way): this item would
+            # run alone, in a pool process that would build its own model.
+            raise UnbatchedCallError(
+                f"{self.name} was called directly inside the task {current.name!r} a worker runs (task.map, "
+                f"starmap and chunks do that): it would run one item at a time in a pool process. Send the "
+                f"items to the batch queue instead: group({self.name.rpartition('.')[2]}.s(x) for x in xs)"
+            )
         (outcome,) = execute(self.batching.spec, self.batching_model.run_batch(), [(args, kwargs)])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def map(self, it: Any) -> Any:
+        raise self._unbatched("map")
+
+    def starmap(self, it: Any) -> Any:
+        raise self._unbatched("starmap")
+
+    def chunks(self, it: Any, n: int) -> Any:
+        raise self._unbatched("chunks")
+
+    def _unbatched(self, how: str) -> UnbatchedCallError:
+        short = self.name.rpartition(".")[2]
+        return UnbatchedCallError(
+            f"{self.name}.{how}() would run every item one at a time inside one task in a pool process, unbatched. "
+            f"Send the items to the batch queue instead: group({short}.s(x) for x in xs), or "
+            f"{short}.submit_many(items) for many at once"
+        )
 
     def worker_settings(self) -> BatchSettings:
         """The settings with the Celery options the consumer acts on, as this task resolves them (app defaults
@@ -89,6 +141,7 @@ class BatchedTask(Task):
             time_limit=self.time_limit,
             soft_time_limit=self.soft_time_limit,
             retry=RetryPolicy.from_task(self),
+            track_started=bool(self.track_started),
         )
 
 
@@ -129,6 +182,7 @@ def batched(
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
     check_task_options(task_options)
+    _check_rate_limit(task_options.get("rate_limit"))
     own: dict[str, Any] = dict(
         name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
         max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
@@ -155,10 +209,25 @@ def batched(
         isolate_errors=isolate_errors, max_queue_size=max_queue_size,
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
+    routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)
     return app.task(
         body, name=task_name, base=BatchedTask, batching=settings, batching_model=handle, queue=settings.queue,
         __doc__=doc, **task_options,
     )
+
+
+def _check_rate_limit(spec: Any) -> None:
+    if spec is None:
+        return
+    try:
+        ok = rate(spec) >= 0
+    except (KeyError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigurationError(
+            f"rate_limit {spec!r} is not a rate: use items per second, minute or hour per worker, e.g. '5/s', "
+            "'100/m', '2/h', or a number (per second)"
+        )
 
 
 def _model_class(model: Callable[[], Any]) -> Any:

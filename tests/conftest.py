@@ -6,6 +6,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,13 +48,16 @@ def rclient(redis_url: str) -> redis.Redis:
 class Worker:
     """A ``celery -A <app> worker`` subprocess; ``ready()`` blocks on its own 'ready' log line."""
 
-    def __init__(self, app: str, redis_url: str, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, app: str, redis_url: str, log: Path, *extra: str, env: dict[str, str] | None = None,
+                 mingle: bool = False, prefix: tuple[str, ...] = ()) -> None:
         self.log = log
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1", **(env or {})}
+        #: The worker's node name, as ``celery inspect -d`` and ``app.control(destination=...)`` take it.
+        self.nodename = f"w{os.getpid()}-{time.monotonic_ns()}@{socket.gethostname()}"
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", "--without-mingle",
-                 "--without-gossip", "-n", f"w{os.getpid()}-{time.monotonic_ns()}@%h", *extra],
+            self.proc = subprocess.Popen(  # `prefix`: e.g. `ip netns exec NS` to run it on another "host"
+                [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO",
+                 *(() if mingle else ("--without-mingle",)), "--without-gossip", "-n", self.nodename, *extra],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -85,11 +89,13 @@ class Worker:
 
 @pytest.fixture
 def start_worker(redis_url: str, tmp_path: Path) -> Iterator:
-    """Factory: ``start_worker("tests.apps.shop", "--pool", "solo")`` -> a ``Worker`` (not yet waited for)."""
+    """Factory: ``start_worker("tests.apps.shop", "--pool", "solo")`` -> a ``Worker`` (not yet waited for);
+    ``mingle=True`` lets it sync revokes from its peers at start, as a production worker does."""
     workers: list[Worker] = []
 
-    def start(app: str = "tests.apps.shop", *extra: str, env: dict[str, str] | None = None) -> Worker:
-        worker = Worker(app, redis_url, tmp_path / f"worker-{len(workers)}.log", *extra, env=env)
+    def start(app: str = "tests.apps.shop", *extra: str, env: dict[str, str] | None = None,
+              mingle: bool = False) -> Worker:
+        worker = Worker(app, redis_url, tmp_path / f"worker-{len(workers)}.log", *extra, env=env, mingle=mingle)
         workers.append(worker)
         return worker
 

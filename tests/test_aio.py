@@ -123,13 +123,14 @@ def connections_of_this_process(client: redis.Redis) -> list[dict[str, Any]]:
     return [c for c in client.client_list() if c["addr"] in ours]
 
 
-def test_thousands_of_waiters_share_one_connection_and_cost_a_few_kib_each(shop, rclient, start_worker):
+def test_thousands_of_waiters_share_one_connection_and_cost_a_few_kib_each(redis_url, rclient, start_worker):
+    waiters_app = importlib.import_module("tests.apps.waiters")  # no worker serves it until the test starts one
     n = 3000
     per_waiter: list[float] = []
 
     async def run() -> list[Any]:
         try:
-            results = await asyncio.gather(*(batching.aio.submit(shop.predict, text=f"t{i}") for i in range(n)))
+            results = await asyncio.gather(*(batching.aio.submit(waiters_app.upper, text=f"t{i}") for i in range(n)))
             before_waiting = len(await asyncio.to_thread(connections_of_this_process, rclient))
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
@@ -145,7 +146,7 @@ def test_thousands_of_waiters_share_one_connection_and_cost_a_few_kib_each(shop,
             assert len(pubsub) == 1 and int(pubsub[0]["sub"]) == n  # one connection holds every subscription
             # waiting added that connection and one for the lookups, whatever the number of waiters
             assert len(subscribed) == before_waiting + 2, [(c["cmd"], c["age"], c["sub"]) for c in subscribed]
-            await asyncio.to_thread(lambda: start_worker("tests.apps.shop", "--pool", "solo").ready())
+            await asyncio.to_thread(lambda: start_worker("tests.apps.waiters", "--pool", "solo").ready())
             return await asyncio.gather(*waiters)
         finally:
             await batching.aio.close()

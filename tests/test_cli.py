@@ -103,6 +103,9 @@ def test_status_reads_claims_consumers_stats_and_message_age(cliapp: ModuleType,
         assert (snap.depth, snap.claims, snap.in_flight, snap.consumers) == (1, 1, 1, 1)
         assert snap.oldest_age_s is None  # the message left has no sent_at header
         assert (snap.batches, snap.requests, snap.mean_batch_size) == (3, 10, 10 / 3)
+        assert snap.batch_sizes == {2: 1, 4: 2}
+        assert snap.heartbeat_ages_s["live"] == pytest.approx(0, abs=2)
+        assert snap.heartbeat_ages_s["gone"] == pytest.approx(3 * store.lease_s, abs=2)
 
         store.release([claim.claim_id])
         assert status_of(store, cliapp.score.name, now=now).oldest_age_s == pytest.approx(90)

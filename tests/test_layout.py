@@ -30,7 +30,9 @@ SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.sett
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,
-    "batching.task": SHARED | {"batching.client", "batching.publish"},
+    "batching.task": SHARED | {"batching.client", "batching.routing", "batching.publish"},
+    "batching.routing": set(),
+    "batching.shared": SHARED | {"batching.task"},
     "batching.client": SHARED | {"batching.publish"},
     "batching.publish": SHARED | {"batching.store"},
     "batching.listener": SHARED,
@@ -149,10 +151,10 @@ def test_a_client_that_defines_and_calls_tasks_never_imports_the_worker(redis_ur
 def test_public_surface_is_pinned() -> None:
     assert sorted(batching.__all__) == [
         "BatchResultError", "BatchSettings", "BatchedTask", "Batcher", "BatcherStopped", "BatchingError",
-        "BrokerError", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
+        "BrokerError", "BrokerOutOfMemory", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
         "MissingArgumentError", "QueueFull", "QueueStatus", "RequestAbandoned", "ResultBackendError",
-        "ResultEncodeError", "UnexpectedArgumentError", "__version__", "aio", "batched", "gather", "list_dead",
-        "purge_dead", "queue_status", "requeue_dead", "submit_many",
+        "ResultEncodeError", "UnbatchedCallError", "UnexpectedArgumentError", "__version__", "aio", "batched",
+        "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead", "shared_batched", "submit_many",
     ]
     assert all(hasattr(batching, name) for name in batching.__all__)
 

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import dead as cli_dead
-from .common import EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
+from . import purge as cli_purge
+from .common import EXIT_USAGE, CliError, app_command, console, fmt_age, open_app, redis_errors
 
 DESCRIPTION = "Inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark."
 EPILOG = """\
@@ -51,15 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=fmt)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    status = commands.add_parser(
-        "status", formatter_class=fmt, epilog=EPILOG,
+    status = app_command(
+        commands, "status", epilog=EPILOG, app_help=APP_HELP,
         help="one row per batched task: queue depth, in flight, claims, delayed, dead letters, consumers, ...",
         description="One row per batched task of the app: queue depth (all priority lists), messages in flight "
         "(held in consumers' claims), claims, delayed (waiting for their ETA), dead letters, live consumers "
-        "(heartbeat within 2 leases), age of the next message to be served (from its sent_at header; '?' "
-        "without one), batches run and their mean size.",
+        "(heartbeat within 2 leases), the stalest consumer's heartbeat age (yellow past 2 leases: wedged or "
+        "gone), age of the next message to be served (from its sent_at header; '?' without one), batches run and "
+        "their mean size.",
     )
-    status.add_argument("-A", "--app", required=True, help=APP_HELP)
     status.add_argument("--json", action="store_true", help="print the same data as JSON instead of a table")
     status.set_defaults(run=cmd_status)
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "consumers died max_deliveries times while running them.", epilog=EPILOG, formatter_class=fmt,
     )
     cli_dead.add_commands(dead, APP_HELP, EPILOG)
+    cli_purge.add_command(commands, APP_HELP, EPILOG)
 
     commands.add_parser("demo", add_help=False, help="run the quick-start demo (python -m tasks.demo): a private "
                         "Redis, a worker, 3,000 predict.delay() calls; `batching demo --help` for its options")
@@ -83,7 +85,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     tasks, url = open_app(args.app)
     now = time.time()
     with redis_errors(url), _spinner(f"reading {len(tasks)} queue(s)", enabled=not args.json):
-        rows = [queue_status(task, now=now) for task in tasks]
+        rows = [queue_status(task) for task in tasks]  # each by Redis's clock
     if args.json:
         from dataclasses import asdict
 
@@ -95,16 +97,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = Table(title=f"batched tasks of {escape(args.app)} on {escape(url)}")
     table.add_column("task")
     table.add_column("queue")
-    for title in ("depth", "in flight", "claims", "delayed", "dead", "consumers", "oldest", "batches", "mean size"):
+    for title in ("depth", "in flight", "claims", "delayed", "dead", "consumers", "heartbeat", "oldest", "batches",
+                  "mean size"):
         table.add_column(title, justify="right")
     for r in rows:
         oldest = "-" if r.depth == 0 else fmt_age(r.oldest_age_s)
         mean = "-" if r.mean_batch_size is None else f"{r.mean_batch_size:.1f}"
         dead = f"[red]{r.dead}[/]" if r.dead else "0"
         consumers = f"[yellow]{r.consumers}[/]" if r.depth and not r.consumers else str(r.consumers)
+        stalest = max(r.heartbeat_ages_s.values(), default=None)
+        heartbeat = "-" if stalest is None else fmt_age(stalest)
+        if stalest is not None and r.consumers and stalest > 2 * r.lease_s:
+            heartbeat = f"[yellow]{heartbeat}[/]"  # a consumer that stopped beating: wedged, or gone
         table.add_row(escape(r.task), escape(r.queue), str(r.depth), str(r.in_flight), str(r.claims),
-                      str(r.delayed), dead, consumers, oldest, str(r.batches), mean)
-    console().print(table)
+                      str(r.delayed), dead, consumers, heartbeat, oldest, str(r.batches), mean)
+    out = console()
+    out.print(table)
+    for r in rows:
+        if r.data_lost_at is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.data_lost_at))
+            out.print(f"[red]{escape(r.task)}: Redis lost its data at {when} (a restart without persistence or a "
+                      "flush): what was queued or claimed then is gone[/]")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
@@ -123,3 +124,37 @@ def open_app(spec: str, task: str | None = None) -> tuple[list[Any], str]:
     app = load_app(spec)
     tasks = batched_tasks_of(app, spec, task)
     return tasks, broker_url(app)
+
+
+#: How ``--task`` names a batched task.
+TASK_NAMING = "its full name, or the part after the last dot"
+
+
+def app_command(commands: Any, name: str, *, help: str, description: str, epilog: str, app_help: str,
+                task: bool | None = None, confirm: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that loads an app (``-A``); ``--task`` required (``task=True``), optional (``False``) or absent
+    (``None``); ``--yes`` when it asks for confirmation."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-A", "--app", required=True, help=app_help)
+    if task is not None:
+        what = "the batched task" if task else "only this batched task"
+        parser.add_argument("--task", required=task, help=f"{what} ({TASK_NAMING})")
+    if confirm:
+        parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return parser
+
+
+def confirmed(question: str, refusal: str, yes: bool) -> bool:
+    """Go ahead? Yes with ``--yes`` or when the user says so at a terminal; without a terminal to ask on, refuse."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CliError(f"refusing to {refusal} without --yes: stdin is not a terminal to confirm on", EXIT_USAGE)
+    from rich.prompt import Confirm
+
+    if Confirm.ask(question, default=False):
+        return True
+    print("nothing deleted")
+    return False

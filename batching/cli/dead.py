@@ -10,51 +10,51 @@ from typing import Any
 
 from ..ops.deadletters import DeadLetter, purge_dead, requeue_dead
 from ..store.queue import QueueStore
-from .common import EXIT_NOTHING, EXIT_USAGE, CliError, console, fmt_age, open_app, redis_errors
+from .common import (
+    EXIT_NOTHING,
+    app_command,
+    confirmed,
+    console,
+    fmt_age,
+    open_app,
+    redis_errors,
+)
 
 #: Dead letters re-queued per connection (one script call each), between progress updates.
 REQUEUE_CHUNK = 200
 
 
 def add_commands(parser: argparse.ArgumentParser, app_help: str, epilog: str) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    listing = actions.add_parser(
-        "list", help="newest dead letters: task id, reason, age, deliveries", epilog=epilog, formatter_class=fmt,
+    listing = app_command(
+        actions, "list", help="newest dead letters: task id, reason, age, deliveries", epilog=epilog,
         description="The newest dead letters of every batched task of the app (or of --task): task id ('-' when "
         "the message cannot be read that far), why it was dead-lettered, how long ago, and deliveries that never "
-        "finished (for messages whose consumers kept dying).",
+        "finished (for messages whose consumers kept dying).", app_help=app_help, task=False,
     )
-    listing.add_argument("-A", "--app", required=True, help=app_help)
-    listing.add_argument("--task", help="only this batched task (its full name, or the part after the last dot)")
     listing.add_argument("--limit", type=_positive, default=20, help="newest N per task (default 20)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(run=cmd_list)
 
-    requeue = actions.add_parser(
-        "requeue", help="put dead letters back into their queue as new messages", epilog=epilog,
-        formatter_class=fmt, description="Move dead letters back into the task's queue as new messages, their "
+    requeue = app_command(
+        actions, "requeue", help="put dead letters back into their queue as new messages", epilog=epilog,
+        description="Move dead letters back into the task's queue as new messages, their "
         "delivery counts reset. A letter is moved only if it is still there, so two operators requeuing at once "
         "never duplicate one. Exits 1 if an --id is not among the dead letters (the others are requeued).",
+        app_help=app_help, task=True,
     )
-    requeue.add_argument("-A", "--app", required=True, help=app_help)
-    requeue.add_argument("--task", required=True, help="the batched task (its full name, or the part after the "
-                         "last dot)")
     which = requeue.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every dead letter of the task")
     which.add_argument("--id", nargs="+", dest="ids", metavar="TASK_ID", help="the dead letters of these task ids")
     requeue.set_defaults(run=cmd_requeue)
 
-    purge = actions.add_parser(
-        "purge", help="delete every dead letter of a task", epilog=epilog, formatter_class=fmt,
+    purge = app_command(
+        actions, "purge", help="delete every dead letter of a task", epilog=epilog,
         description="Delete every dead letter of the task, for good. Asks first; without a terminal to ask on "
-        "it refuses (exit 2) unless --yes is given. Exits 1 if the answer is no.",
+        "it refuses (exit 2) unless --yes is given. Exits 1 if the answer is no.", app_help=app_help, task=True,
+        confirm=True,
     )
-    purge.add_argument("-A", "--app", required=True, help=app_help)
-    purge.add_argument("--task", required=True, help="the batched task (its full name, or the part after the last "
-                       "dot)")
-    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(run=cmd_purge)
 
 
@@ -147,15 +147,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         if not total:
             print(f"{task.name} has no dead letters")
             return 0
-        if not args.yes:
-            if not sys.stdin.isatty():
-                raise CliError(f"refusing to purge {total} dead letter(s) of {task.name} without --yes: stdin is "
-                               "not a terminal to confirm on", EXIT_USAGE)
-            from rich.prompt import Confirm
-
-            if not Confirm.ask(f"Delete {total} dead letter(s) of {task.name} for good?", default=False):
-                print("nothing deleted")
-                return EXIT_NOTHING
+        if not confirmed(f"Delete {total} dead letter(s) of {task.name} for good?",
+                         f"purge {total} dead letter(s) of {task.name}", args.yes):
+            return EXIT_NOTHING
         purged = purge_dead(task)
     print(f"purged {purged} dead letter(s) of {task.name}")
     return 0

@@ -55,10 +55,14 @@ class QueueKeys:
     stats: str = field(init=False)
     #: Sorted set: task id -> when its caller stopped waiting (unix seconds); trimmed by age, expires when idle.
     abandoned: str = field(init=False)
+    #: String: a random id set by the first consumer; its disappearance means Redis lost its data.
+    epoch: str = field(init=False)
+    #: String: JSON ``{at, run_id}`` of the last time the consumers found Redis had lost its data.
+    lost: str = field(init=False)
 
     def __post_init__(self) -> None:
         # Built once: the consumer reads them on every claim.
-        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats", "abandoned"):
+        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats", "abandoned", "epoch", "lost"):
             object.__setattr__(self, kind, f"{self.prefix}{NAMESPACE}:{kind}:{self.queue}")
 
     def claim(self, claim_id: str) -> str:

@@ -18,8 +18,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Errors that mean the connection, not the request, failed: retry after a backoff instead of giving up.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
+#: Errors that mean Redis, not the request, is in trouble: retry after a backoff instead of giving up. Any
+#: ``RedisError`` counts, not only a lost connection: a Redis at ``maxmemory`` (OOM), loading its data, or a replica
+#: that became read-only in a failover refuses commands for a while, and a consumer thread that ended on one of
+#: them would leave its claims stuck until a restart.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError)
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 #: Backoff between attempts while Redis is unreachable, in seconds (doubling up to the maximum).
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 
@@ -41,8 +45,9 @@ class Outage:
             if self._since is None:
                 self._since = time.monotonic()
                 logger.warning(
-                    "batching %s: Redis unreachable (%s); claimed work stays in Redis, retrying with backoff up to "
-                    "%.0fs until it is back", self.name, exc, RETRY_MAX_S,
+                    "batching %s: Redis %s (%s: %s); claimed work stays in Redis, retrying with backoff up to "
+                    "%.0fs until it is back", self.name, "unreachable" if isinstance(exc, _UNREACHABLE) else "failing",
+                    type(exc).__name__, exc, RETRY_MAX_S,
                 )
 
     def ok(self) -> None:
@@ -55,13 +60,16 @@ class Outage:
                 self._since = None
 
 
-def with_retries(fn: Callable[[], T], outage: Outage, stop: threading.Event, *, unexpected: str | None = None) -> T:
+def with_retries(
+    fn: Callable[[], T], outage: Outage, stop: threading.Event, *, unexpected: str | None = None, writes: bool = True,
+) -> T:
     """``fn()``, retried with capped backoff while it fails with a Redis connection error.
 
     Waits on ``stop``, so a stop request ends the wait at once and raises ``Stopped``: once a consumer is
     stopping, a failed attempt is not repeated, and what it was about to write stays in its claim for the lease
     to recover. With ``unexpected`` (what ``fn`` was doing, for the log) any other exception is logged with its
-    traceback and retried the same way: a bug of ours must not end a consumer thread silently.
+    traceback and retried the same way: a bug of ours must not end a consumer thread silently. Only a call that
+    ``writes`` can end an outage: a Redis at maxmemory still serves reads.
     """
     backoff = RETRY_MIN_S
     while True:
@@ -74,7 +82,8 @@ def with_retries(fn: Callable[[], T], outage: Outage, stop: threading.Event, *, 
                 raise
             logger.exception("batching %s: unexpected error while %s; continuing", outage.name, unexpected)
         else:
-            outage.ok()
+            if writes:
+                outage.ok()
             return result
         if stop.wait(backoff):
             raise Stopped(outage.name)

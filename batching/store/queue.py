@@ -8,6 +8,7 @@ consumer's heartbeat keeps pushing forward; once the deadline has passed, any co
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -40,6 +41,8 @@ class Claim:
     redelivered: int = 0
     #: Whether some caller of this queue gave up waiting lately: only then are claimed ids looked up.
     abandonments: bool = False
+    #: The queue's epoch when it was claimed: a claim from before Redis lost its data is gone, not taken over.
+    epoch: str | None = None
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -66,17 +69,30 @@ class QueueStore:
         self._ack = script(client, "ack.lua")
         self._requeue = script(client, "requeue.lua")
         self._requeue_dead = script(client, "requeue_dead.lua")
+        self._heartbeat = script(client, "heartbeat.lua")
+        #: Redis's clock minus this host's, in seconds: every time decision is Redis's (see ``now``).
+        self.clock_offset_s = 0.0
+        #: The queue's epoch as this store last saw it (``join_epoch``, heartbeats).
+        self.epoch: str | None = None
 
     @classmethod
-    def open(cls, app: Any, settings: BatchSettings) -> tuple[QueueStore, Any]:
+    def open(
+        cls, app: Any, settings: BatchSettings, *, socket_timeout_s: float | None = None
+    ) -> tuple[QueueStore, Any]:
         """The store of a batched task's queue on the app's own broker settings, and the kombu connection behind it.
 
         The redis-py client shares kombu's connection pool, so URL, password, ``rediss://`` TLS and Sentinel all
         work as for ``.delay()``; keys follow the transport's ``global_keyprefix``, ``sep`` and
         ``priority_steps``. Raises ``BrokerError`` for a broker that is not Redis or cannot be reached.
+
+        With ``socket_timeout_s`` its connections fail a read that gets no answer within that time and probe idle
+        links with TCP keepalive, unless the app's ``broker_transport_options`` say otherwise: a silent partition
+        (packets dropped, no reset) is then an outage within seconds, not when TCP gives up minutes later.
         """
         queue = settings.queue
-        connection = app.connection_for_read()
+        ours = {} if socket_timeout_s is None else dead_link_options(socket_timeout_s)
+        given = app.conf.broker_transport_options or {}
+        connection = app.connection_for_read(transport_options={k: v for k, v in ours.items() if k not in given})
         require_redis(connection, f"batched task {settings.name!r}")
         try:
             channel = connection.default_channel
@@ -93,7 +109,33 @@ class QueueStore:
         return cls(client, keys, lease_s=settings.lease_s, max_deliveries=settings.max_deliveries), connection
 
     def new_claim(self) -> Claim:
-        return Claim(uuid.uuid4().hex)
+        return Claim(uuid.uuid4().hex, epoch=self.epoch)
+
+    def join_epoch(self) -> str:
+        """Read the queue's epoch marker, setting it if this is the first consumer (see ``lua/heartbeat.lua``)."""
+        self.client.set(self.keys.epoch, uuid.uuid4().hex, nx=True)
+        epoch = self.client.get(self.keys.epoch)
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        return self.epoch
+
+    def now(self) -> float:
+        """Redis's current time (unix seconds), as last measured: the one clock of every consumer and client.
+
+        Leases, heartbeats, recovery and ETAs are decided inside the scripts by Redis's TIME; what the consumer
+        decides itself (is a message expired? how long until the next ETA?) uses this, never its own clock alone.
+        """
+        return time.time() + self.clock_offset_s
+
+    def sync_clock(self) -> float:
+        """Measure Redis's clock against this host's (one round trip); returns the offset in seconds."""
+        before = time.time()
+        seconds, micros = self.client.time()
+        self._set_offset(before, seconds + micros / 1e6)
+        return self.clock_offset_s
+
+    def _set_offset(self, sent_at: float, redis_now: float) -> None:
+        # Redis read its clock somewhere within the round trip: its midpoint is the best guess.
+        self.clock_offset_s = redis_now - (sent_at + time.time()) / 2
 
     def claim(self, into: Claim, count: int) -> int:
         """Move up to ``count`` of the oldest messages into ``into``; return how many were taken.
@@ -102,11 +144,10 @@ class QueueStore:
         """
         if into.redelivered:
             return 0  # a suspect message runs alone
-        now = time.time()
         k = self.keys
         reply = self._claim(
             keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, k.abandoned, *k.lists],
-            args=[count, into.claim_id, now + self.lease_s, now, len(into.raws)],
+            args=[count, into.claim_id, self.lease_s, len(into.raws)],
         )
         into.next_eta = float(reply[0]) if reply[0] else None
         into.abandonments = bool(int(reply[2]))
@@ -141,7 +182,7 @@ class QueueStore:
         Returns False if the claim was no longer ours (its lease ran out and it was re-queued meanwhile).
         """
         k = self.keys
-        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), time.time(), k.queue]
+        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), k.queue]
         for eta, raw in outcome.delayed:
             args += [eta, raw]
         for reason, raw in outcome.dead:
@@ -151,19 +192,35 @@ class QueueStore:
         )
         return bool(finished)
 
+    def owns(self, claim: Claim) -> bool:
+        """True while the claim is registered: its lease has not been taken over by another consumer."""
+        return self.client.zscore(self.keys.claims, claim.claim_id) is not None
+
+    def outlived_data(self, claim: Claim) -> bool:
+        """True if Redis lost its data since ``claim`` was made (the epoch marker is gone or new): the claim did
+        not pass to another consumer, it vanished with everything else."""
+        epoch = self.client.get(self.keys.epoch)
+        return epoch is None or epoch.decode() != claim.epoch  # type: ignore[union-attr]
+
     def release(self, claim_ids: Iterable[str]) -> int:
         """Give back claims whose batches never started, to the front of their queue; returns messages requeued."""
         requeued, _dead = self._requeue_claims("release", list(claim_ids))
         return requeued
 
-    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> None:
-        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive."""
-        now = time.time()
-        with self.client.pipeline(transaction=False) as pipe:
-            for claim_id in claim_ids:
-                pipe.zadd(self.keys.claims, {claim_id: now + self.lease_s}, xx=True)
-            pipe.zadd(self.keys.consumers, {consumer_id: now})
-            pipe.execute()
+    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> bool:
+        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive.
+
+        Also re-measures the clock offset from the TIME the script returns. Returns True if this heartbeat found
+        that Redis had lost its data (the epoch marker was gone; a new epoch starts).
+        """
+        sent_at = time.time()
+        seconds, micros, epoch, lost = self._heartbeat(
+            keys=[self.keys.claims, self.keys.consumers, self.keys.epoch],
+            args=[self.lease_s, consumer_id, uuid.uuid4().hex, *claim_ids],
+        )
+        self._set_offset(sent_at, int(seconds) + int(micros) / 1e6)
+        self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        return bool(int(lost))
 
     def leave(self, consumer_id: str) -> None:
         self.client.zrem(self.keys.consumers, consumer_id)
@@ -173,8 +230,9 @@ class QueueStore:
 
         Returns the number of messages put back and the raw messages dead-lettered for too many deliveries.
         """
+        seconds, micros = self.client.time()
         expired: list[bytes] = self.client.zrangebyscore(  # type: ignore[assignment]
-            self.keys.claims, "-inf", time.time(), start=0, num=limit
+            self.keys.claims, "-inf", seconds + micros / 1e6, start=0, num=limit
         )
         if not expired:
             return 0, []
@@ -186,7 +244,7 @@ class QueueStore:
         k = self.keys
         reply = self._requeue(
             keys=[k.claims, k.deliveries, k.dead, *(k.claim(c) for c in claim_ids)],
-            args=[mode, time.time(), self.max_deliveries, k.queue, NEVER_FINISHED, *claim_ids],
+            args=[mode, self.max_deliveries, k.queue, NEVER_FINISHED, *claim_ids],
         )
         return int(reply[0]), list(reply[1:])
 
@@ -207,6 +265,18 @@ class QueueStore:
             moved += int(self._requeue_dead(keys=[k.dead, k.deliveries, k.main], args=[entry, raw]))
         return moved
 
+    def purge(self) -> tuple[int, int]:
+        """Delete every queued message (all priority lists) and every message waiting for its ETA, atomically;
+        claims are kept (their batches finish, or come back by lease). Returns (queued, delayed) deleted."""
+        lists = self.keys.lists
+        with self.client.pipeline(transaction=True) as pipe:
+            for key in lists:
+                pipe.llen(key)
+            pipe.zcard(self.keys.delayed)
+            pipe.delete(*lists, self.keys.delayed)
+            counts = pipe.execute()
+        return sum(int(n) for n in counts[:len(lists)]), int(counts[len(lists)])
+
     def purge_dead(self) -> int:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.llen(self.keys.dead)
@@ -218,6 +288,20 @@ class QueueStore:
         """Histogram of batch sizes run so far on this queue (all consumers)."""
         stats: dict[bytes, bytes] = self.client.hgetall(self.keys.stats)  # type: ignore[assignment]
         return batch_sizes(stats)
+
+
+def dead_link_options(socket_timeout_s: float) -> dict[str, Any]:
+    """redis-py connection options that notice a dead link: a read timeout, connect timeout and TCP keepalive."""
+    probes = {}
+    for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            probes[getattr(socket, name)] = value
+    return {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": probes,
+    }
 
 
 def require_redis(connection: Any, what: str) -> None:

@@ -8,7 +8,6 @@ read at the same instant), then the lengths of the claims it found. ``batching s
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,8 @@ class QueueStatus:
     dead: int
     #: Consumers whose last heartbeat is within ``LIVE_LEASES`` leases.
     consumers: int
+    #: The queue's lease in seconds: heartbeats come every quarter of it.
+    lease_s: float
     #: Seconds since the next message to be served was sent; ``None`` when the queue is empty or the message
     #: carries no ``sent_at`` header.
     oldest_age_s: float | None
@@ -44,11 +45,16 @@ class QueueStatus:
     mean_batch_size: float | None
     #: Batches run so far, by size: size -> batches.
     batch_sizes: dict[int, int]
+    #: Seconds since each recently seen consumer's last heartbeat (every lease/4 while it is healthy): the health
+    #: signal of a consumer that is up but wedged.
+    heartbeat_ages_s: dict[str, float]
+    #: When the consumers last found that Redis had lost its data (unix seconds), if ever.
+    data_lost_at: float | None
 
 
 def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
-    """Snapshot of the queue behind ``store``; ``now`` in unix seconds (default: this host's clock)."""
-    now = time.time() if now is None else now
+    """Snapshot of the queue behind ``store``; ``now`` in unix seconds (default: Redis's clock, ``store.now()``)."""
+    now = store.now() if now is None else now
     keys = store.keys
     lists = keys.lists
     with store.client.pipeline(transaction=True) as pipe:
@@ -61,10 +67,12 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         pipe.llen(keys.dead)
         pipe.zcount(keys.consumers, now - LIVE_LEASES * store.lease_s, "+inf")
         pipe.hgetall(keys.stats)
+        pipe.zrange(keys.consumers, 0, -1, withscores=True)
+        pipe.get(keys.lost)
         reply: list[Any] = pipe.execute()
     n = len(lists)
     lengths, ends = reply[:n], reply[n:2 * n]
-    claim_ids, delayed, dead, consumers, stats = reply[2 * n:]
+    claim_ids, delayed, dead, consumers, stats, beats, lost = reply[2 * n:]
     # Highest priority first: the first non-empty list holds the next message to be served.
     oldest = next((raw for raw in ends if raw is not None), None)
     sizes = batch_sizes(stats)
@@ -78,12 +86,22 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         delayed=int(delayed),
         dead=int(dead),
         consumers=int(consumers),
+        lease_s=store.lease_s,
         oldest_age_s=_age(oldest, now),
         batches=batches,
         requests=int(stats.get(b"requests", 0)),
         mean_batch_size=sum(size * count for size, count in sizes.items()) / batches if batches else None,
         batch_sizes=dict(sorted(sizes.items())),
+        heartbeat_ages_s={c.decode(): max(0.0, now - float(at)) for c, at in beats},
+        data_lost_at=_lost_at(lost),
     )
+
+
+def _lost_at(entry: bytes | None) -> float | None:
+    try:
+        return float(json.loads(entry)["at"]) if entry else None
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _in_flight(store: QueueStore, claim_ids: list[str]) -> int:

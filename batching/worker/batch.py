@@ -35,13 +35,27 @@ class Outcome:
     def of(cls, task_id: str, result: Any, request: TaskRequest | None = None) -> Outcome:
         """SUCCESS with ``result``, or FAILURE if ``result`` is an exception (the batch contract)."""
         if isinstance(result, Exception):
-            return cls.failure(task_id, result, request)
+            return cls(task_id, states.FAILURE, result, request, format_traceback(result, returned=True))
         return cls(task_id, states.SUCCESS, result, request)
 
     @classmethod
     def failure(cls, task_id: str, exc: BaseException, request: TaskRequest | None = None) -> Outcome:
-        trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
-        return cls(task_id, states.FAILURE, exc, request, trace)
+        return cls(task_id, states.FAILURE, exc, request, format_traceback(exc))
+
+
+#: What stands for the frames in the traceback of an exception that was never raised: one that ``run_batch``
+#: returned as a request's result, or one the consumer reports itself (a bad message, a hard time limit). A bare
+#: "ValueError: ..." would read like a truncated traceback.
+RETURNED = "  (no frames: run_batch returned this exception as the request's result, it was not raised)\n"
+REPORTED = "  (no frames: the batching consumer reported this error, it was not raised in the task)\n"
+
+
+def format_traceback(exc: BaseException, returned: bool = False) -> str:
+    """The traceback text Celery stores with a FAILURE: the frames if it was raised, its type and message always."""
+    if exc.__traceback__ is not None:
+        return "".join(tb.format_exception(exc))
+    return ("Traceback (most recent call last):\n" + (RETURNED if returned else REPORTED)
+            + "".join(tb.format_exception_only(exc)))
 
 
 @dataclass(slots=True)
@@ -63,6 +77,11 @@ class Batch:
     #: Unix times: first message claimed, and run_batch started (None: nothing ran).
     claimed_at: float = 0.0
     started_at: float | None = None
+    #: The items as registered in Celery's worker state for inspect and revoke (``control.ItemRequest``).
+    tracked: list[Any] = field(default_factory=list)
+    #: What observability hooks keep between running the batch and settling it (``signals.TaskSignals``); None
+    #: when nothing listens, so an unobserved batch carries nothing per item.
+    observed: Any = None
 
     def outcomes(self) -> list[Outcome]:
         """Every outcome of the batch: those decided without running, then the items' in request order."""

@@ -14,16 +14,27 @@ from typing import Any
 
 from celery import bootsteps
 
+from ..store.durability import persistence_warning
 from ..task import batched_tasks
+from . import control
 from .consumer import BatchConsumer
 from .events import task_events_enabled
+from .supervisor import Supervisor
 from .tunables import STOP_TIMEOUT_S, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 
 class BatchingStep(bootsteps.StartStopStep):
-    """Starts after the pool (so a forking pool never copies our threads) and stops before it."""
+    """Starts after the pool (so a forking pool never copies our threads) and stops before it.
+
+    The consumers connect here (a broker that cannot work fails the worker at once) but claim nothing until the
+    worker is ready: only then does it take remote-control commands and has it synced the revoked ids of its peers
+    (mingle), so a revoke sent to the workers is never missed by a batch claimed early. The hook is the worker's
+    ``ready_callback``, which its consumer calls once, after the first start of the consumer blueprint (which
+    restarts on every broker reconnect; ours must not), just before ``worker_ready`` is sent — embedded workers
+    (``celery.contrib.testing``) call it too, without sending the signal.
+    """
 
     label = "Batching"
     requires = ("celery.worker.components:Pool",)
@@ -31,7 +42,10 @@ class BatchingStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.consumers: list[BatchConsumer] = []
+        self.supervisor: Supervisor | None = None
         self.tasks = batched_tasks(worker.app)
+        if self.tasks:  # read by the Consumer step when it is created, after every step's __init__
+            worker.ready_callback = functools.partial(self._on_worker_ready, worker.ready_callback)
         # Unknown batching_* settings fail the worker here, before it serves anything, naming the valid ones.
         self.settings = WorkerSettings.from_app(worker.app.conf, os.environ)
         # The normal consumer must never take batch messages one by one (it would run run_batch per item), even
@@ -51,23 +65,38 @@ class BatchingStep(bootsteps.StartStopStep):
             from .metrics import Metrics  # prometheus-client is imported only when the endpoint is on
 
             metrics = Metrics()
+        options = dict(hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
+                       metrics=metrics)
+        by_name = {task.name: task for task in self.tasks}
         for task in self.tasks:
-            consumer = BatchConsumer.for_task(
-                task, hostname=worker.hostname, events_enabled=functools.partial(task_events_enabled, worker),
-                metrics=metrics,
-            )
-            consumer.start()
+            consumer = BatchConsumer.for_task(task, **options)
+            consumer.connect()
             self.consumers.append(consumer)
-            policy = consumer.settings.policy
-            logger.info(
-                "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
-                task.name, consumer.settings.queue, policy.batch_size, policy.max_delay_s,
-            )
         if metrics is not None and self.settings.metrics_port is not None:
             metrics.watch_queues((c.name, c.store) for c in self.consumers)
             metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
+        warning = persistence_warning(self.consumers[0].store.client) if self.consumers[0].store else None
+        if warning:
+            logger.warning("batching: %s", warning)
+        self.supervisor = Supervisor(self.consumers, lambda old: BatchConsumer.for_task(by_name[old.name], **options))
+        control.serve_queues(worker.app, [c.settings.queue for c in self.consumers])
+
+    def _on_worker_ready(self, ready: Any, celery_consumer: Any) -> None:
+        for consumer in self.consumers:
+            consumer.start()
+            policy = consumer.settings.policy
+            logger.info(
+                "batching %s: consuming queue %r (batch_size=%d, max_delay=%gs)",
+                consumer.name, consumer.settings.queue, policy.batch_size, policy.max_delay_s,
+            )
+        if self.supervisor is not None:
+            self.supervisor.start()
+        ready(celery_consumer)
 
     def stop(self, worker: Any) -> None:
+        control.stop_serving(c.settings.queue for c in self.consumers)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for consumer in self.consumers:
             consumer.request_stop()  # signal all first, so they wind down in parallel
         for consumer in self.consumers:

@@ -2,9 +2,10 @@
 
 The data path, top to bottom:
 
-1. fetch thread — claim the oldest messages (``store``) and sort them (``triage``) until the flush policy says
-   the batch should run; while the model is still busy with the previous batch, keep topping this one up, so
-   batches fill by themselves under load. It holds at most one batch ahead, so other consumers still get work.
+1. fetch thread (``fetch``) — claim the oldest messages (``store``) and sort them (``triage``) until the flush
+   policy says the batch should run; while the model is still busy with the previous batch, keep topping this one
+   up, so batches fill by themselves under load. It holds at most one batch ahead, so other consumers still get
+   work.
 2. model thread — merge the batch into one ``run_batch`` call and split its results (``merge``), within the
    task's time limits (``limits``).
 3. keeper thread — store every outcome in the result backend (``results``), then finish the claim (``store``):
@@ -16,6 +17,7 @@ Writing batch *k*'s results overlaps the model running batch *k+1*, which overla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -26,19 +28,24 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from celery.worker import state as worker_state
 from kombu.serialization import prepare_accept_content
 
 from ..model import ModelHandle
 from ..settings import BatchSettings
-from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
+from ..store.outage import Outage, Stopped
 from ..store.queue import QueueStore
+from . import control
 from .batch import Batch
 from .events import BatchEvents
+from .fetch import STOP as _STOP
+from .fetch import FetchThread
 from .keeper import Keeper
+from .ratelimit import RateLimiter
+from .results import ResultWriter, Started
 from .runner import ModelRunner
-from .triage import Rules, triage
-from .tunables import FORM_POLL_S, IDLE_POLL_S, MAX_UNSETTLED, TOPUP_MAX_S, TOPUP_MIN_S
+from .signals import TaskSignals
+from .triage import Rules
+from .tunables import IDLE_POLL_S, MAX_UNSETTLED
 
 if TYPE_CHECKING:
     from ..task import BatchedTask
@@ -46,10 +53,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_STOP: Any = object()
 
 
-class BatchConsumer:
+class BatchConsumer(FetchThread):
     """Serves one batched task until ``stop()``; Redis outages are waited out, never fatal."""
 
     def __init__(
@@ -82,6 +88,7 @@ class BatchConsumer:
         self.events = BatchEvents(app, hostname, events_enabled)
         self._connection: Any = None
         self._stopping = threading.Event()
+        self._abandoned = False
         # The next batch waits in this one-place slot for the model thread, which takes it without waking the
         # fetch thread; the fetch thread tops it up, under the same lock, until it is taken.
         self._slot: Any = None
@@ -90,24 +97,40 @@ class BatchConsumer:
         # then stops claiming, and nothing piles up in memory (an unbounded queue grew without limit under a
         # fast model).
         self._done: queue.Queue[Any] = queue.Queue(maxsize=MAX_UNSETTLED)
-        self.runner = ModelRunner(settings, model, self._done.put, metrics)
+        self.signals = TaskSignals(app, settings.name, sender=self)
+        started = Started(ResultWriter(app.backend), hostname) if settings.track_started else None
+        self.runner = ModelRunner(settings, model, self._done.put, metrics, signals=self.signals, started=started)
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
+        # Set by ``for_task`` (a worker's consumers): the task whose items are registered in Celery's worker state
+        # for inspect and revoke (``control``), and its rate limit.
+        self.task: BatchedTask | None = None
+        self.limiter: RateLimiter | None = None
+
+    @property
+    def socket_timeout_s(self) -> float:
+        """How long a Redis read may go unanswered before the link counts as dead: longer than the longest blocking
+        read (``IDLE_POLL_S``), and a fraction of the lease, so a partition is noticed well before claims expire."""
+        return IDLE_POLL_S + max(1.0, min(5.0, self.settings.lease_s / 4))
 
     @classmethod
     def for_task(cls, task: BatchedTask, **options: Any) -> BatchConsumer:
         """The consumer of a batched task, with the settings the task resolves in this worker."""
-        return cls(task.app, task.worker_settings(), task.batching_model, **options)
+        consumer = cls(task.app, task.worker_settings(), task.batching_model, **options)
+        consumer.task, consumer.limiter = task, RateLimiter.for_task(task)
+        return consumer
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def connect(self) -> QueueStore:
         """Open the queue store on the app's own broker settings; raises ``BrokerError`` if it cannot work."""
-        self.store, self._connection = QueueStore.open(self.app, self.settings)
+        self.store, self._connection = QueueStore.open(self.app, self.settings, socket_timeout_s=self.socket_timeout_s)
+        self.store.sync_clock()
+        self.store.join_epoch()
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
-            stop=self._stopping, metrics=self.metrics,
+            stop=self._stopping, metrics=self.metrics, socket_timeout_s=self.socket_timeout_s, signals=self.signals,
         )
         return self.store
 
@@ -122,6 +145,25 @@ class BatchConsumer:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def dead_threads(self) -> list[str]:
+        """Names of this consumer's threads that ended although it was not asked to stop (a bug)."""
+        if self._stopping.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
+    def abandon(self) -> None:
+        """Give up on this consumer without finishing anything: its threads wind down, its heartbeats stop, and
+        whatever it claimed is recovered through the lease by the consumer that replaces it."""
+        self._abandoned = True
+        self._stopping.set()
+        if self.task is not None:
+            control.forget_task(self.name)
+        with self._slot_changed:
+            self._slot = _STOP
+            self._slot_changed.notify_all()
+        with contextlib.suppress(queue.Full):
+            self._done.put_nowait(_STOP)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Warm stop: claim nothing more, give back what has not started, finish and store the batch in hand.
@@ -141,114 +183,6 @@ class BatchConsumer:
             self._connection.release()
         return not alive
 
-    # -- fetch thread ------------------------------------------------------------------------------------------
-
-    def _fetch_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                with_retries(self._fetch_one, self.outage, self._stopping, unexpected="claiming")
-            except Stopped:
-                break
-        with self._slot_changed:
-            if self._slot is not None:
-                self._release(self._slot)
-            self._slot = _STOP
-            self._slot_changed.notify_all()
-
-    def _fetch_one(self) -> None:
-        batch = self.collect()
-        if batch is not None:
-            self._hand_off(batch)
-
-    def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
-        """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
-        store = self._require_store()
-        batch = Batch(store.new_claim())
-        self._track(batch)
-        try:
-            return self._collect_into(batch, idle_timeout_s)
-        except BaseException:
-            self._abandon_claim(batch)
-            raise
-
-    def _abandon_claim(self, batch: Batch) -> None:
-        """Drop a batch whose claim may hold messages we never saw: a claim call whose reply was lost may have
-        moved messages into it. Nothing of it is run or finished here; its lease, no longer extended, runs out
-        and any consumer puts the whole claim, unseen messages included, back at the front of the queue.
-        """
-        self._untrack(batch)
-
-    def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
-        store = self._require_store()
-        policy = self.settings.policy
-        oldest: float | None = None
-        idle_until = time.monotonic() + idle_timeout_s
-        while True:
-            if self._top_up(batch) and oldest is None:
-                oldest = time.monotonic()
-            now = time.monotonic()
-            wait = policy.wait_s(now, oldest, len(batch.claim))
-            if wait is None or (batch.claim and self._stopping.is_set()):
-                return batch
-            if not batch.claim and (now >= idle_until or self._stopping.is_set()):
-                self._untrack(batch)
-                return None
-            if batch.claim:
-                # Forming a batch: poll for the rest of max_delay. A blocking read would be rounded up by Redis,
-                # which checks blocked clients' timeouts only on its cron tick (every 100 ms at the default hz).
-                self._stopping.wait(min(wait, FORM_POLL_S))
-                continue
-            timeout = min(wait, IDLE_POLL_S, idle_until - now)
-            if batch.claim.next_eta is not None:
-                timeout = min(timeout, max(batch.claim.next_eta - time.time(), 0.0))
-            store.wait(timeout)
-
-    def _top_up(self, batch: Batch) -> int:
-        missing = self.settings.policy.batch_size - len(batch.claim)
-        if missing <= 0:
-            return 0
-        claim = batch.claim
-        before = len(claim.raws)
-        taken = self._require_store().claim(claim, missing)
-        if taken:
-            # Abandoned ids are looked up (one ZMSCORE) only while some caller of this queue gave up lately.
-            lookup = self._require_store().abandoned_among if claim.abandonments else None
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, time.time(), lookup)
-        return taken
-
-    def _hand_off(self, batch: Batch) -> None:
-        """Put the batch in the model's slot, and top it up there until the model thread takes it."""
-        if not batch.items:
-            self._done.put(batch)  # nothing to run: settle and finish it straight away
-            return
-        poll = TOPUP_MIN_S
-        with self._slot_changed:
-            self._slot = batch
-            self._slot_changed.notify_all()
-            while self._slot is batch:
-                if self._stopping.is_set():
-                    return  # the fetch loop gives the slot's batch back
-                # Topping up holds the lock for one claim round trip: the model thread may wait that long.
-                try:
-                    taken = self._top_up(batch)
-                except BaseException:
-                    self._slot = None  # never run a batch whose claim may hold messages we did not see
-                    self._abandon_claim(batch)
-                    raise
-                poll = TOPUP_MIN_S if taken else min(poll * 2, TOPUP_MAX_S)
-                self._slot_changed.wait(poll)
-
-    def _release(self, batch: Batch) -> None:
-        """Give a batch that never started back to the front of its queue."""
-        if batch.claim:
-            try:
-                requeued = self._require_store().release([batch.claim.claim_id])
-                logger.info("batching %s: gave %d unstarted message(s) back to the queue", self.name, requeued)
-            except REDIS_ERRORS as exc:
-                logger.warning("batching %s: could not give back %d message(s) (%s); their lease will",
-                               self.name, len(batch.claim), exc)
-        self._untrack(batch)
-
     # -- model thread ------------------------------------------------------------------------------------------
 
     def _model_loop(self) -> None:
@@ -262,10 +196,23 @@ class BatchConsumer:
                 self._slot = _STOP  # stay stopped
                 self._done.put(_STOP)
                 return
-            self.run(batch)
+            try:
+                self.run(batch)
+            except BaseException:
+                # The model thread must outlive anything a batch does (SystemExit or KeyboardInterrupt raised by
+                # a model included). The batch is dropped unsettled: untracked, its lease runs out and any
+                # consumer puts its messages back, where delivery counting isolates one that keeps doing this.
+                logger.exception("batching %s: running a batch of %d failed; its claim will be recovered by lease",
+                                 self.name, len(batch.claim))
+                self._untrack(batch)
 
     def run(self, batch: Batch) -> None:
         """Run the batch's requests through the model and pass every outcome on to the keeper."""
+        if self.task is not None:
+            control.start(batch, time.time(), os.getpid())  # revoked meanwhile: settled, not run
+            if not batch.items:
+                self._done.put(batch)
+                return
         self.runner.run(batch)
 
     # -- keeper thread -----------------------------------------------------------------------------------------
@@ -273,21 +220,31 @@ class BatchConsumer:
     def _keeper_loop(self) -> None:
         beat_s = self.settings.lease_s / 4
         next_beat = 0.0
-        while True:
+        while not self._abandoned:
             try:
                 item = self._done.get(timeout=max(0.0, next_beat - time.monotonic()))
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if item is _STOP or self._abandoned:
                 break
             if item is not None:
                 self._settle(item)
             if time.monotonic() >= next_beat:
-                with self._lock:
-                    active = list(self._active)
-                self._require_keeper().maintain(self.consumer_id, active)
+                self._maintain()
                 next_beat = time.monotonic() + beat_s
-        self._require_keeper().close(self.consumer_id)
+        try:
+            self._require_keeper().close(self.consumer_id)
+        except Exception:
+            logger.exception("batching %s: closing the consumer failed", self.name)
+
+    def _maintain(self) -> None:
+        with self._lock:
+            active = list(self._active)
+        try:
+            self._require_keeper().maintain(self.consumer_id, active)
+        except Exception:
+            # Heartbeats must go on: a failure here is logged and the next beat tries again.
+            logger.exception("batching %s: heartbeat or recovery failed; trying again next beat", self.name)
 
     def _settle(self, batch: Batch) -> None:
         try:
@@ -312,6 +269,8 @@ class BatchConsumer:
     def _untrack(self, batch: Batch) -> None:
         with self._lock:
             self._active.discard(batch.claim.claim_id)
+        if self.task is not None:
+            control.forget(batch)
 
     def _require_keeper(self) -> Keeper:
         if self.keeper is None:

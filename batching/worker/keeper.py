@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..codec import task_id_of
 from ..errors import MessageError
+from ..store.durability import record_loss
 from ..store.outage import REDIS_ERRORS, Outage, with_retries
 from ..store.queue import NEVER_FINISHED, QueueStore
-from . import canvas
+from . import canvas, control
 from .batch import Batch, Outcome
 from .events import BatchEvents
 from .results import ResultWriter
@@ -28,6 +29,7 @@ from .results import ResultWriter
 if TYPE_CHECKING:
     from ..settings import BatchSettings
     from .metrics import Metrics
+    from .signals import TaskSignals
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class Keeper:
     def __init__(
         self, app: Any, settings: BatchSettings, store: QueueStore, outage: Outage, *, events: BatchEvents,
         accept: Collection[str], stop: threading.Event, metrics: Metrics | None = None,
+        socket_timeout_s: float | None = None,
+        signals: TaskSignals | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -45,37 +49,69 @@ class Keeper:
         self.outage = outage
         self.accept = accept
         self.stop = stop
-        self.writer = ResultWriter(app.backend)
+        self.writer = ResultWriter(app.backend, socket_timeout_s=socket_timeout_s)
+        #: Results go to the broker's Redis database: the write itself can check the claim is still ours.
+        self.fence_in_write = self.writer.fences_on(store.client)
         self.events = events
         self.metrics = metrics
+        self.signals = signals
 
     def settle(self, batch: Batch) -> None:
         """Follow up, store, finish: retried through Redis outages until done, or until the consumer stops
         (``Stopped``: the claim is then left to the lease)."""
         app, name = self.app, self.settings.name
+        control.seal(batch)  # items terminated while the batch ran are dropped: REVOKED is already stored
         outcomes = batch.outcomes()
+        # Fencing: a consumer whose lease ran out (partitioned, paused) may find its batch re-queued and run
+        # elsewhere. Then none of its follow-ups or results may land: the other run's stand. Checked before the
+        # follow-ups, and again atomically with the results when they share the broker's Redis.
+        claim = batch.claim
+        lost_with_data = False
+        if claim and not with_retries(lambda: self.store.owns(claim), self.outage, self.stop, writes=False):
+            lost_with_data = with_retries(lambda: self.store.outlived_data(claim), self.outage, self.stop,
+                                          writes=False)
+            if not lost_with_data:
+                self._fenced_off(batch, outcomes)
+                return
+            # Nobody else holds these messages: Redis lost them. The results of this run are all there will be.
+            logger.error("batching %s: Redis lost its data while a batch of %d ran; storing its results anyway",
+                         name, len(claim))
         retries = canvas.plan_retries(self.settings.retry, outcomes)
         canvas.send_callbacks(app, outcomes)
         batch.finish.ran = len(batch.items)
-        with_retries(lambda: self.writer.write(outcomes), self.outage, self.stop)
+        fence = (self.store.keys.claims, claim.claim_id) if claim and self.fence_in_write and not lost_with_data \
+            else None
+        if not with_retries(lambda: self.writer.write(outcomes, fence), self.outage, self.stop):
+            self._fenced_off(batch, outcomes)
+            return
         canvas.after_store(app, outcomes)
         canvas.send_retries(app, name, retries)
+        if self.signals is not None:
+            self.signals.settled(batch, retries)
         self.events.send_batch(
             outcomes, received=batch.claimed_at or time.time(), started=batch.started_at, finished=time.time()
         )
-        if batch.claim and not with_retries(lambda: self.store.finish(batch.claim, batch.finish), self.outage,
-                                            self.stop):
-            logger.warning("batching %s: a claim of %d message(s) outlived its lease and was re-queued; "
-                           "they may run again", name, len(batch.claim))
+        if claim and not lost_with_data and not with_retries(lambda: self.store.finish(claim, batch.finish),
+                                                             self.outage, self.stop):
+            logger.warning("batching %s: a claim of %d message(s) outlived its lease and was taken over while its "
+                           "results were stored; they may run again", name, len(claim))
         for reason, _raw in batch.finish.dead:
             logger.warning("batching %s: dead-lettered a message: %s", name, reason)
         if self.metrics is not None:
             self.metrics.settled(name, outcomes, batch.claimed_at, len(batch.finish.dead))
 
+    def _fenced_off(self, batch: Batch, outcomes: list[Outcome]) -> None:
+        logger.warning("batching %s: the claim of %d message(s) was taken over after this consumer's lease ran out; "
+                       "dropped the %d outcome(s) of this late run (the other run's stand)",
+                       self.settings.name, len(batch.claim), len(outcomes))
+        if self.metrics is not None:
+            self.metrics.late_outcomes.labels(self.settings.name).inc(len(outcomes))
+
     def maintain(self, consumer_id: str, active: list[str]) -> None:
         """Keep our leases alive and recover the claims of consumers that died."""
         try:
-            self.store.heartbeat(consumer_id, active)
+            if self.store.heartbeat(consumer_id, active):
+                self._data_lost()
             requeued, dead = self.store.recover()
         except REDIS_ERRORS as exc:
             self.outage.failed(exc)
@@ -89,10 +125,22 @@ class Keeper:
             with contextlib.suppress(*REDIS_ERRORS):
                 self.writer.write(never_finished(dead, self.accept, self.store.max_deliveries))
 
+    def _data_lost(self) -> None:
+        entry = record_loss(self.store)
+        logger.error(
+            "batching %s: REDIS LOST ITS DATA (now run_id %s): every message queued or claimed for this task before "
+            "then is gone and cannot be recovered; clients waiting on them will time out. Run the broker Redis with "
+            "appendonly yes (and a replica) to survive restarts.", self.settings.name, entry["run_id"],
+        )
+        if self.metrics is not None:
+            self.metrics.data_lost.labels(self.settings.name).inc()
+
     def close(self, consumer_id: str) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
             self.store.leave(consumer_id)
         self.events.close()
+        if self.signals is not None:
+            self.signals.close()
 
 
 def never_finished(raws: Iterable[bytes], accept: Collection[str], max_deliveries: int) -> list[Outcome]:

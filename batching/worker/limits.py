@@ -65,22 +65,41 @@ def _tightest(values: list[Any]) -> float | None:
 
 
 class Watchdog:
-    """Arms the limits around one model call made by the current thread."""
+    """Arms the limits around one model call made by the current thread.
+
+    A soft limit can only land inside the ``with``: the timer raises under a lock and only while armed, and leaving
+    the block disarms it and clears an exception still pending for the thread. Without that, a timer that fired as
+    the call returned would raise ``SoftTimeLimitExceeded`` later, anywhere on the model thread.
+    """
 
     def __init__(self, limits: TimeLimits, on_hard: Callable[[], None]) -> None:
         self._timers: list[threading.Timer] = []
-        ident = threading.get_ident()
+        self._ident = threading.get_ident()
+        self._lock = threading.Lock()
+        self._armed = False
+        self._fired = False
         if limits.soft is not None:
-            self._timers.append(threading.Timer(limits.soft, raise_in_thread, (ident, SoftTimeLimitExceeded)))
+            self._timers.append(threading.Timer(limits.soft, self._soft))
         if limits.hard is not None:
             self._timers.append(threading.Timer(limits.hard, on_hard))
 
+    def _soft(self) -> None:
+        with self._lock:
+            if self._armed:
+                self._fired = raise_in_thread(self._ident, SoftTimeLimitExceeded)
+
     def __enter__(self) -> Watchdog:
+        self._armed = True
         for timer in self._timers:
             timer.daemon = True
             timer.start()
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        with self._lock:
+            self._armed = False
+            if self._fired:
+                # NULL clears an exception that was scheduled but not yet raised (a no-op if it was).
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._ident), None)
         for timer in self._timers:
             timer.cancel()

@@ -50,6 +50,14 @@ class Metrics:
         )
         self.items = Counter("batching_items", "Requests settled, by outcome", ["task", "outcome"], registry=r)
         self.dead_lettered = Counter("batching_dead_lettered", "Messages dead-lettered", ["task"], registry=r)
+        self.data_lost = Counter(
+            "batching_redis_data_lost", "Times the consumers found that Redis had lost its data (a restart without "
+            "persistence, a flush)", ["task"], registry=r,
+        )
+        self.late_outcomes = Counter(
+            "batching_late_outcomes", "Outcomes dropped because their claim had been taken over (lease ran out)",
+            ["task"], registry=r,
+        )
 
     def batch_ran(self, task: str, size: int, seconds: float) -> None:
         self.batches.labels(task).inc()
@@ -96,6 +104,10 @@ class _QueueCollector(Collector):
             "delayed": GaugeMetricFamily("batching_delayed", "Messages parked until their ETA", labels=["task"]),
             "dead": GaugeMetricFamily("batching_dead_letters", "Messages in the dead-letter list", labels=["task"]),
             "consumers": GaugeMetricFamily("batching_consumers", "Live consumers of the queue", labels=["task"]),
+            "heartbeat": GaugeMetricFamily(
+                "batching_consumer_heartbeat_age_seconds", "Seconds since a consumer's last heartbeat (every lease/4 "
+                "while healthy)", labels=["task", "consumer"],
+            ),
         }
         for name, store in self.stores:
             try:
@@ -110,4 +122,6 @@ class _QueueCollector(Collector):
             families["delayed"].add_metric([name], s.delayed)
             families["dead"].add_metric([name], s.dead)
             families["consumers"].add_metric([name], s.consumers)
+            for consumer, age in s.heartbeat_ages_s.items():
+                families["heartbeat"].add_metric([name, consumer], age)
         yield from families.values()

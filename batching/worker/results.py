@@ -11,16 +11,20 @@ guarantees that a message is processed by one consumer at a time, so that GET bu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import states
 from celery.backends.base import Backend
 from celery.backends.redis import RedisBackend
 
 from ..errors import ResultEncodeError
 from ..store.lua import script
-from .batch import Outcome
+from ..store.queue import dead_link_options
+from .batch import Batch, Outcome
+from .request import TaskRequest
 
 logger = logging.getLogger(__name__)
 
@@ -28,24 +32,63 @@ logger = logging.getLogger(__name__)
 class ResultWriter:
     """Writes outcomes to one app's result backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, socket_timeout_s: float | None = None) -> None:
         self.backend = backend
         self._pipelined = isinstance(backend, RedisBackend)
+        self.client: Any = self._client(socket_timeout_s) if self._pipelined else None
         # With result_extended the meta also carries name/args/kwargs/worker/...: let Celery build all of it.
         self._extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
         self._script: Any = None
+        self._started_script: Any = None
 
-    def write(self, outcomes: Sequence[Outcome]) -> None:
+    def write_started(self, requests: Sequence[TaskRequest], hostname: str, pid: int) -> None:
+        """STARTED for every request (``track_started``), as Celery's tracer stores it before running a task.
+
+        On Redis, one round trip for the batch that never overwrites a final state (``lua/started.lua``); other
+        backends store it per task through their own ``store_result``, as Celery's tracer does.
+        """
+        requests = [r for r in requests if not r.ignore_result]
+        if not requests:
+            return
+        info = {"pid": pid, "hostname": hostname}
+        if not self._pipelined:
+            for r in requests:
+                self.backend.store_result(r.id, info, states.STARTED, request=r)
+            return
+        backend: Any = self.backend
+        keys = [backend.get_key_for_task(r.id) for r in requests]
+        metas = [self._meta(Outcome(r.id, states.STARTED, info, r), None) for r in requests]
+        if self._started_script is None:
+            self._started_script = script(self.client, "started.lua")
+        readable = "json" if backend.serializer == "json" else "opaque"
+        self._started_script(keys=keys, args=[readable, int(backend.expires or 0), *metas])
+
+    def fences_on(self, broker: Any) -> bool:
+        """True if results go to the same Redis database as ``broker``'s claims: then ``write`` can check the claim
+        in the same script that stores (with another backend the keeper checks just before writing)."""
+        if not self._pipelined:
+            return False
+        ours = self.client.connection_pool.connection_kwargs
+        theirs = broker.connection_pool.connection_kwargs
+        return all(ours.get(k) == theirs.get(k) for k in ("host", "port", "path", "db"))
+
+    def write(self, outcomes: Sequence[Outcome], fence: tuple[str, str] | None = None) -> bool:
+        """Store the outcomes; with ``fence`` (claims key, claim id) only while that claim is registered.
+
+        Returns False, having written nothing, when fenced off.
+        """
         outcomes = [o for o in outcomes if not (o.request is not None and o.request.ignore_result)]
         if not outcomes:
-            return
+            return True
         if not self._pipelined:
             for o in outcomes:  # other backends: their own store path, one call per task
                 self.backend.store_result(o.task_id, o.value, o.state, traceback=o.traceback, request=o.request)
-            return
+            return True
         backend: Any = self.backend
         date_done = backend.app.now().isoformat()  # one clock read per batch: they finished together
-        keys, payloads, ttls = [], [], []
+        keys: list[str] = []
+        payloads: list[Any] = []
+        ttls: list[Any] = []
         for o in outcomes:
             keys.append(backend.get_key_for_task(o.task_id))
             payloads.append(self._encode(o, date_done))
@@ -54,8 +97,21 @@ class ResultWriter:
                 ttl = backend.failure_expires
             ttls.append(int(ttl or 0))
         if self._script is None:
-            self._script = script(backend.client, "results.lua")
-        self._script(keys=keys, args=payloads + ttls)
+            self._script = script(self.client, "results.lua")
+        if fence is not None:
+            keys.append(fence[0])
+            ttls.append(fence[1])
+        return int(self._script(keys=keys, args=[len(payloads), *payloads, *ttls])) >= 0
+
+    def _client(self, socket_timeout_s: float | None) -> Any:
+        """The backend's Redis client, or, given a timeout, one on the same server that notices a dead link within
+        it (Celery's default ``redis_socket_timeout`` is 120 s: a keeper would hang that long in a partition)."""
+        client: Any = self.backend.client
+        pool = client.connection_pool
+        if socket_timeout_s is None or type(pool) is not redis.ConnectionPool:  # Sentinel & co. keep their own
+            return client
+        kwargs = {**pool.connection_kwargs, **dead_link_options(socket_timeout_s)}
+        return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
     def _encode(self, o: Outcome, date_done: str) -> Any:
         backend: Any = self.backend
@@ -70,7 +126,7 @@ class ResultWriter:
             )
             return self._meta(Outcome.failure(o.task_id, error, o.request), date_done)
 
-    def _meta(self, o: Outcome, date_done: str) -> Any:
+    def _meta(self, o: Outcome, date_done: str | None) -> Any:
         """The meta dict of ``Backend._get_result_meta`` (same keys, same order), serialized by the backend.
 
         Celery's helper reads the clock and looks up settings per task; here the clock is read once per batch,
@@ -95,3 +151,19 @@ class ResultWriter:
                 meta["parent_id"] = request.parent_id
         meta["task_id"] = o.task_id
         return backend.encode(meta)
+
+
+class Started:
+    """STARTED for a batch's items before it runs (``track_started``): informational, so a Redis error is logged
+    and the batch runs anyway."""
+
+    def __init__(self, writer: ResultWriter, hostname: str) -> None:
+        self.writer = writer
+        self.hostname = hostname
+
+    def mark(self, batch: Batch) -> None:
+        try:
+            self.writer.write_started([item.request for item in batch.items], self.hostname, os.getpid())
+        except Exception as exc:
+            logger.warning("batching: could not store STARTED for a batch of %d (%s); running it anyway",
+                           len(batch.items), exc)

@@ -23,6 +23,8 @@ from .limits import TimeLimits, Watchdog
 if TYPE_CHECKING:
     from ..settings import BatchSettings
     from .metrics import Metrics
+    from .results import Started
+    from .signals import TaskSignals
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +34,21 @@ class ModelRunner:
 
     def __init__(
         self, settings: BatchSettings, model: ModelHandle, deliver: Callable[[Batch], None],
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, *, signals: TaskSignals | None = None, started: Started | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
         self.deliver = deliver
         self.metrics = metrics
+        self.signals = signals
+        self.started = started
 
     def run(self, batch: Batch) -> None:
         batch.started_at = time.time()
+        if self.signals is not None:
+            self.signals.prerun(batch)
+        if self.started is not None:
+            self.started.mark(batch)
         limits = TimeLimits.for_batch(self.settings, [item.request.timelimit for item in batch.items])
         race = _Race()
         results: list[Any] | None = None
@@ -50,6 +58,8 @@ class ModelRunner:
         except SoftTimeLimitExceeded as exc:  # the soft limit fired as the call returned
             if results is None:
                 results = [exc] * len(batch.items)
+        if self.signals is not None:
+            self.signals.ran(batch)
         if self.metrics is not None:
             self.metrics.batch_ran(self.settings.name, len(batch.items), time.time() - batch.started_at)
         if not race.win():

@@ -21,7 +21,8 @@ from .batch import Batch, Item, Outcome
 from .request import TaskRequest
 
 #: Where a too-large message's task id can still be read without parsing it: kombu writes ``properties`` (with
-#: ``correlation_id``, the task id) after the body, so the tail of the envelope holds it.
+#: ``correlation_id``, the task id) last, after the body and the headers, so the tail of the envelope holds it —
+#: the *last* match, since a header of the same name may come before it.
 _CORRELATION_ID = re.compile(rb'"correlation_id":\s*"([0-9A-Za-z_.:-]{1,200})"')
 _TAIL_BYTES = 8192
 #: The stored reason of a request whose caller stopped waiting before a consumer claimed it.
@@ -85,6 +86,6 @@ def _decode(raw: bytes, rules: Rules) -> Request | Undecodable:
             f"message of {len(raw):,} bytes is over this task's limit of {rules.max_message_bytes:,} bytes "
             "(max_message_bytes); it was not decoded"
         )
-        found = _CORRELATION_ID.search(raw[-_TAIL_BYTES:])
-        return Undecodable(error, found.group(1).decode() if found else None)
-    return decode(raw, rules.accept)
+        found = _CORRELATION_ID.findall(raw[-_TAIL_BYTES:])
+        return Undecodable(error, found[-1].decode() if found else None)
+    return decode(raw, rules.accept, rules.max_message_bytes)

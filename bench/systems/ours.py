@@ -14,6 +14,10 @@ app = make_app("bench-ours", settings)
 model = get_model(settings.model)
 if settings.record:
     model = recording(model, settings.redis_url)
+if settings.otel:
+    from bench.tracing import instrument_worker
+
+    instrument_worker()
 
 
 @batched(app, batch_size=settings.batch_size, max_delay=settings.max_delay_s, name="bench.ours.predict")

@@ -70,3 +70,10 @@ def busy(seconds):
 def quiet(x):
     R.rpush("reliable:quiet", *x)
     return x
+
+
+@batched(app, batch_size=32, max_delay=0.0, lease_s=2.0)
+def steady(x):
+    """Accelerator-like cost and no side effects: what runs while Redis refuses writes."""
+    time.sleep(0.005 + 0.00005 * len(x))
+    return [v * 10 for v in x]

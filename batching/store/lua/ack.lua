@@ -9,9 +9,8 @@
 -- ARGV[1]  claim id (the owner's token)
 -- ARGV[2]  size of the batch that ran (0: none ran)
 -- ARGV[3]  D, the number of delayed messages that follow as ETA, raw pairs
--- ARGV[4]  now (unix seconds), the time of the dead letters
--- ARGV[5]  queue name, for dead-letter entries
--- ARGV[6 …] D × (ETA, raw), then (reason, raw) pairs to dead-letter
+-- ARGV[4]  queue name, for dead-letter entries
+-- ARGV[5 …] D × (ETA, raw), then (reason, raw) pairs to dead-letter (stamped with Redis's TIME)
 --
 -- Guarantees: only the claim's owner finishes it, and everything happens or nothing does. If the claim is gone
 -- (its lease ran out and another consumer re-queued it), nothing is written: the messages are back in the queue
@@ -27,15 +26,19 @@ if redis.call('EXISTS', KEYS[6]) == 1 then
   for i = 2, #items, 2 do redis.call('HDEL', KEYS[6], redis.sha1hex(items[i])) end
 end
 local d = tonumber(ARGV[3])
-local i = 6
+local i = 5
 for _ = 1, d do
   redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 -- Dead letters are JSON {queue, reason, at, raw}: the same shape requeue.lua writes, read by DeadLetter.parse.
-while i < #ARGV do
-  redis.call('LPUSH', KEYS[4], cjson.encode({ queue = ARGV[5], reason = ARGV[i], at = tonumber(ARGV[4]), raw = ARGV[i + 1] }))
-  i = i + 2
+if i < #ARGV then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  while i < #ARGV do
+    redis.call('LPUSH', KEYS[4], cjson.encode({ queue = ARGV[4], reason = ARGV[i], at = now, raw = ARGV[i + 1] }))
+    i = i + 2
+  end
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[5], 'size:' .. ARGV[2], 1)

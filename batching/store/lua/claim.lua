@@ -8,10 +8,11 @@
 -- KEYS[6…] the queue's lists, highest priority first; KEYS[6] is the default-priority list
 -- ARGV[1]  N, the most messages to take
 -- ARGV[2]  claim id
--- ARGV[3]  lease deadline (unix seconds)
--- ARGV[4]  now (unix seconds)
--- ARGV[5]  how many messages this claim already holds (a top-up of a forming batch), 0 for a new claim
+-- ARGV[3]  lease in seconds: the claim's deadline is Redis's own TIME plus this
+-- ARGV[4]  how many messages this claim already holds (a top-up of a forming batch), 0 for a new claim
 --
+-- Time is Redis's TIME, never a host's clock: a consumer whose clock is off neither steals live claims nor
+-- registers a deadline already past, and ETAs come due by the same clock for every consumer.
 -- Guarantees: a message is either still in its queue or recorded in this claim (with the list it came from, so a
 -- recovery can put it back exactly), never neither. Delayed messages whose ETA has passed are first moved to the
 -- oldest end of the default list, earliest ETA first, so they are served before anything newer. A message that was
@@ -23,8 +24,10 @@
 -- oldest first.
 
 local n = tonumber(ARGV[1])
-local held = tonumber(ARGV[5] or '0')
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, n)
+local held = tonumber(ARGV[4] or '0')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, n)
 -- latest ETA first, so that the one due longest ends up at the right end, served next
 for k = #due, 1, -1 do
   redis.call('RPUSH', KEYS[6], due[k])
@@ -61,7 +64,7 @@ for i = 6, #KEYS do
   end
 end
 if taken > 0 then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 end
 
 local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')

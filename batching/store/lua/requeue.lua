@@ -3,13 +3,14 @@
 -- KEYS[1]  claims sorted set
 -- KEYS[2]  deliveries hash (sha1 of raw message -> failed deliveries)
 -- KEYS[3]  dead-letter list
--- KEYS[4…] claim lists, one per claim id in ARGV[6…]
+-- KEYS[4…] claim lists, one per claim id in ARGV[5…]
 -- ARGV[1]  mode: "release" (the owner gives back work it never started) or "expired" (recover dead consumers')
--- ARGV[2]  now (unix seconds)
--- ARGV[3]  max deliveries: in "expired" mode a message handed out more often than this is dead-lettered
--- ARGV[4]  queue name, for dead-letter entries
--- ARGV[5]  why a message handed out too often never finished, for its dead-letter entry
--- ARGV[6…] claim ids
+-- ARGV[2]  max deliveries: in "expired" mode a message handed out more often than this is dead-lettered
+-- ARGV[3]  queue name, for dead-letter entries
+-- ARGV[4]  why a message handed out too often never finished, for its dead-letter entry
+-- ARGV[5…] claim ids
+--
+-- A lease has run out when its deadline is before Redis's own TIME: no host's clock is involved.
 --
 -- Guarantees: a claim is requeued once, by its owner ("release") or only after its lease deadline has passed
 -- ("expired"); a live consumer's claim is never taken. Original order is kept: the oldest message is served next.
@@ -18,12 +19,13 @@
 -- Returns: { messages requeued, dead-lettered raw1, raw2, ... } so the caller can mark those tasks FAILURE.
 
 local expired = ARGV[1] == 'expired'
-local now = tonumber(ARGV[2])
-local max_deliveries = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local max_deliveries = tonumber(ARGV[2])
 local out = { 0 }
-for c = 6, #ARGV do
+for c = 5, #ARGV do
   local id = ARGV[c]
-  local key = KEYS[c - 2]
+  local key = KEYS[c - 1]
   local deadline = redis.call('ZSCORE', KEYS[1], id)
   if deadline and (not expired or tonumber(deadline) < now) then
     local items = redis.call('LRANGE', key, 0, -1)
@@ -38,8 +40,8 @@ for c = 6, #ARGV do
           dead = true
           redis.call('HDEL', KEYS[2], sha)
           redis.call('LPUSH', KEYS[3], cjson.encode({
-            queue = ARGV[4], at = now, raw = raw, deliveries = n,
-            reason = 'delivered ' .. n .. ' time(s) and never finished: ' .. ARGV[5],
+            queue = ARGV[3], at = now, raw = raw, deliveries = n,
+            reason = 'delivered ' .. n .. ' time(s) and never finished: ' .. ARGV[4],
           }))
           out[#out + 1] = raw
         end
