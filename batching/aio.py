@@ -27,6 +27,7 @@ import redis
 import redis.asyncio
 from celery.result import AsyncResult
 
+from .client import values_of
 from .errors import BrokerError, QueueFull, ResultBackendError
 from .listener import RECONNECT_ERRORS, ResultListener
 from .publish import Admission, Message, build, published, queue_keys, tag
@@ -43,7 +44,6 @@ ABANDONED_MAX = 100_000
 #: Connections per loop to the broker (sends share pipelines, abandonments take one each).
 BROKER_CONNECTIONS = 8
 
-_FINAL_FAILURES = ("FAILURE", "REVOKED")
 
 
 async def submit(task: Any, *args: Any, **kwargs: Any) -> AsyncResult:
@@ -107,16 +107,7 @@ async def gather(results: Sequence[AsyncResult], timeout: float | None = None, p
     finally:
         for key, future in zip(keys, futures, strict=True):
             listener.discard(key, future)
-    out = []
-    for meta in metas:
-        if meta["status"] in _FINAL_FAILURES:
-            error = backend.exception_to_python(meta["result"])
-            if propagate:
-                raise error
-            out.append(error)
-        else:
-            out.append(meta["result"])
-    return out
+    return values_of(backend, metas, propagate)
 
 
 async def close() -> None:

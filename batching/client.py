@@ -154,15 +154,22 @@ def gather(
                 _take(backend, pending, metas, message["channel"], message["data"], on_ready)
     finally:
         pubsub.close()
-    out = []
-    for result, meta in zip(results, metas, strict=True):
-        assert meta is not None
+    for result in results:
         result._cache = None
+    return values_of(backend, metas, propagate)
+
+
+def values_of(backend: Any, metas: Sequence[dict[str, Any] | None], propagate: bool) -> list[Any]:
+    """The values of final result metas, in order; a failure raises its exception with its original type (with
+    ``propagate``) or stands in its place."""
+    out = []
+    for meta in metas:
+        assert meta is not None
         if meta["status"] in ("FAILURE", "REVOKED"):
-            exc = backend.exception_to_python(meta["result"])
+            error = backend.exception_to_python(meta["result"])
             if propagate:
-                raise exc
-            out.append(exc)
+                raise error
+            out.append(error)
         else:
             out.append(meta["result"])
     return out

@@ -24,30 +24,14 @@ import redis.asyncio
 from celery import Task, states
 from celery.exceptions import TimeoutError as ResultTimeoutError
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict
-from redis.exceptions import RedisError
+from pydantic import BaseModel
 
 from tasks import predict
+from tasks.web import DEFAULT_TIMEOUT_S, HEALTH_TIMEOUT_S, PredictRequest, TaskResponse, add_healthz, describe
 
-#: Seconds a request waits for its task's result before the answer is 504.
-DEFAULT_TIMEOUT_S = 30.0
 #: Requests waiting for results at once, per web process. Each holds a thread with its own Redis result
 #: subscription; more requests queue for a thread. Keep it at least the task's batch_size, or batches stay small.
 DEFAULT_MAX_IN_FLIGHT = 64
-#: Seconds /healthz waits for Redis to connect and answer.
-HEALTH_TIMEOUT_S = 2.0
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str
-    scale: float = 1.0
-
-
-class TaskResponse(BaseModel):
-    task_id: str
-    result: Any
 
 
 def create_app(
@@ -80,16 +64,9 @@ def create_app(
             return TaskResponse(task_id=task_id, result=value)
         if state is None:
             raise HTTPException(504, {"task_id": task_id, "error": f"no result within {timeout_s:g}s"})
-        raise HTTPException(502, {"task_id": task_id, "state": state, "error": _describe(value)})
+        raise HTTPException(502, {"task_id": task_id, "state": state, "error": describe(value)})
 
-    @web.get("/healthz")
-    async def healthz(request: Request) -> dict[str, str]:
-        try:
-            await request.app.state.redis.ping()
-        except (RedisError, OSError) as exc:
-            raise HTTPException(503, {"redis": _describe(exc)}) from exc
-        return {"status": "ok"}
-
+    add_healthz(web)
     return web
 
 
@@ -107,10 +84,6 @@ def _call(task: Task, kwargs: dict[str, Any], timeout_s: float) -> tuple[str, st
         result.backend.remove_pending_result(result)
         return result.id, None, None
     return result.id, result.state, value
-
-
-def _describe(exc: Any) -> str:
-    return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
 
 
 app = create_app(predict)

@@ -94,18 +94,23 @@ def create_app(task: Task, request_model: type[BaseModel] = PredictRequest, *,
             raise HTTPException(504, {"task_id": result.id, "error": f"no result within {timeout_s:g}s"}) from None
         if isinstance(value, BaseException):
             state = states.REVOKED if isinstance(value, TaskRevokedError) else states.FAILURE
-            raise HTTPException(502, {"task_id": result.id, "state": state, "error": _describe(value)})
+            raise HTTPException(502, {"task_id": result.id, "state": state, "error": describe(value)})
         return TaskResponse(task_id=result.id, result=value)
+
+    add_healthz(web)
+    return web
+
+
+def add_healthz(web: FastAPI) -> None:
+    """``GET /healthz``: 200 while the app's Redis (``web.state.redis``) answers, else 503 saying why."""
 
     @web.get("/healthz")
     async def healthz(request: Request) -> dict[str, str]:
         try:
             await request.app.state.redis.ping()
         except (RedisError, OSError) as exc:
-            raise HTTPException(503, {"redis": _describe(exc)}) from exc
+            raise HTTPException(503, {"redis": describe(exc)}) from exc
         return {"status": "ok"}
-
-    return web
 
 
 async def _disconnected(request: Request) -> None:
@@ -114,7 +119,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _describe(exc: Any) -> str:
+def describe(exc: Any) -> str:
     return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
 
 

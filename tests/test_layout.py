@@ -36,7 +36,7 @@ ALLOWED = {
     "batching.client": SHARED | {"batching.publish"},
     "batching.publish": SHARED | {"batching.store"},
     "batching.listener": SHARED,
-    "batching.aio": SHARED | {"batching.publish", "batching.listener", "batching.store"},
+    "batching.aio": SHARED | {"batching.client", "batching.publish", "batching.listener", "batching.store"},
     "batching.batcher": SHARED,
     "batching.redis_server": {"batching.errors"},
     "batching.ops": SHARED | {"batching.store"},
