@@ -140,13 +140,15 @@ def test_message_that_kills_every_consumer_is_dead_lettered_and_fails(rel, start
         # The worker either dies on the poison message or lives until every task is settled.
         return proc.poll() is not None or all(r.ready() for r in results)
 
-    for _ in range(6):
+    for _ in range(10):
         proc = start_worker("tests.apps.reliable", "--pool", "solo").proc
         wait_until(functools.partial(crashed_or_finished, proc), 60, "crash or finish")
         if proc.poll() is None:
             break
         deaths += 1
-    assert deaths == 3, f"expected 3 deaths before the dead letter, got {deaths}"
+    # Its batch (at most 16) comes back in halves until it is alone (at most 4 more deaths), then it dies alone
+    # max_deliveries (3) times; its neighbours go on in batches and are never dead-lettered.
+    assert 3 < deaths <= 3 + 4, f"expected log2(batch) + 3 deaths before the dead letter, got {deaths}"
     with pytest.raises(MessageError, match="dead-lettered after 3 deliveries"):
         poison.get(timeout=10)
     assert [r.get(timeout=10) for i, r in enumerate(results) if i != 7] == [v.upper() for v in inputs if v != "crash"]

@@ -259,15 +259,53 @@ def test_recover_never_takes_a_claim_whose_lease_was_renewed(store: QueueStore) 
     assert store.client.hlen(store.keys.deliveries) == 0
 
 
-def test_recover_counts_the_delivery_and_requeues_ahead_of_newer_messages(store: QueueStore) -> None:
+def test_recover_marks_a_dead_batch_for_halves_and_requeues_ahead_of_newer_messages(store: QueueStore) -> None:
     publish(store, b"a", b"b")
     c = claim(store, 2)
     publish(store, b"newer")
     expire(store, c)
     assert store.recover() == (2, [])
     assert queued(store) == [b"a", b"b", b"newer"]
-    counts = store.client.hgetall(store.keys.deliveries)
-    assert counts == {hashlib.sha1(raw).hexdigest().encode(): b"1" for raw in (b"a", b"b")}
+    # a batch that died counts no delivery against its messages: they come back in groups of half its size
+    marks = store.client.hgetall(store.keys.deliveries)
+    assert marks == {b"w:" + hashlib.sha1(raw).hexdigest().encode(): b"1" for raw in (b"a", b"b")}
+
+
+def test_a_dead_batch_comes_back_in_halves_that_run_as_batches(store: QueueStore) -> None:
+    msgs = [f"m{i}".encode() for i in range(8)]
+    publish(store, *msgs)
+    expire(store, claim(store, 8))
+    assert store.recover() == (8, [])
+    publish(store, b"newer")
+    first, second = claim(store, 10), claim(store, 10)
+    assert (first.raws, first.redelivered) == (msgs[:4], 1)
+    assert (second.raws, second.redelivered) == (msgs[4:], 1)
+    assert store.claim(first, 10) == 0  # a suspect group is never topped up
+    for c in (first, second):
+        assert store.finish(c, Finish(ran=4))
+    assert store.client.hlen(store.keys.deliveries) == 0  # finished: no longer suspect
+    assert claim(store, 10).raws == [b"newer"]
+
+
+def test_a_killer_is_cornered_in_log2_n_plus_max_deliveries_deaths_and_innocents_never_die_for_it(
+    store: QueueStore,
+) -> None:
+    msgs = [f"m{i}".encode() for i in range(8)]
+    killer = msgs[5]
+    publish(store, *msgs)
+    deaths, finished = 0, []
+    while queued(store):
+        c = claim(store, 10)
+        if killer in c.raws:  # its consumer dies; the lease runs out
+            deaths += 1
+            expire(store, c)
+            store.recover()
+        else:
+            assert store.finish(c, Finish(ran=len(c.raws)))
+            finished += c.raws
+    assert deaths == 3 + 3  # halving 8 -> 4 -> 2 -> 1, then max_deliveries deaths alone
+    assert sorted(finished) == sorted(m for m in msgs if m != killer)
+    assert dead_raws(store) == [killer]
 
 
 def test_redelivered_message_first_in_line_is_claimed_alone(store: QueueStore) -> None:
@@ -332,12 +370,15 @@ def test_top_up_never_adds_a_redelivered_message_to_a_claim_in_hand(store: Queue
 
 def test_message_is_dead_lettered_on_its_max_deliveries_th_expired_delivery(store: QueueStore) -> None:
     publish(store, NASTY, b"neighbour")
-    for delivery in (1, 2):
+    c = claim(store, 10)
+    assert c.raws == [NASTY, b"neighbour"]
+    expire(store, c)
+    assert store.recover() == (2, [])  # its batch died: halves, no delivery counted yet
+    for redelivered in (1, 1):  # the half that holds it is itself alone: each death now counts
         c = claim(store, 10)
-        assert c.raws[0] == NASTY
-        assert c.redelivered == delivery - 1
+        assert (c.raws, c.redelivered) == ([NASTY], redelivered)
         expire(store, c)
-        assert store.recover() == (len(c.raws), [])
+        assert store.recover() == (1, [])
         assert queued(store)[0] == NASTY
     c = claim(store, 10)
     assert (c.raws, c.redelivered) == ([NASTY], 2)
@@ -361,10 +402,13 @@ def test_message_is_dead_lettered_on_its_max_deliveries_th_expired_delivery(stor
 def test_max_deliveries_of_one_dead_letters_on_the_first_expiry(store: QueueStore) -> None:
     once = QueueStore(store.client, store.keys, lease_s=LEASE_S, max_deliveries=1)
     publish(once, b"a", b"b")
-    c = claim(once, 10)
-    expire(once, c)
-    requeued, dead = once.recover()
-    assert (requeued, sorted(dead)) == (0, [b"a", b"b"])
+    expire(once, claim(once, 10))
+    assert once.recover() == (2, [])  # a batch's death dead-letters nobody: it comes back in halves
+    for raw in (b"a", b"b"):
+        c = claim(once, 10)
+        assert c.raws == [raw]
+        expire(once, c)
+        assert once.recover() == (0, [raw])
     assert sorted(dead_raws(once)) == [b"a", b"b"]
 
 

@@ -23,7 +23,10 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
 end
 if redis.call('EXISTS', KEYS[6]) == 1 then
   local items = redis.call('LRANGE', KEYS[2], 0, -1)
-  for i = 2, #items, 2 do redis.call('HDEL', KEYS[6], redis.sha1hex(items[i])) end
+  for i = 2, #items, 2 do
+    local sha = redis.sha1hex(items[i])
+    redis.call('HDEL', KEYS[6], sha, 'w:' .. sha)
+  end
 end
 local d = tonumber(ARGV[3])
 local i = 5

@@ -15,10 +15,11 @@
 -- registers a deadline already past, and ETAs come due by the same clock for every consumer.
 -- Guarantees: a message is either still in its queue or recorded in this claim (with the list it came from, so a
 -- recovery can put it back exactly), never neither. Delayed messages whose ETA has passed are first moved to the
--- oldest end of the default list, earliest ETA first, so they are served before anything newer. A message that was
--- delivered before and never finished (its consumer died) is claimed alone: if it is what kills consumers, it takes
--- no innocent neighbours down with it, and its delivery count rises alone until it is dead-lettered. A top-up of a
--- claim that already holds messages therefore stops before it and leaves it first in line.
+-- oldest end of the default list, earliest ETA first, so they are served before anything newer. Messages whose
+-- batch died with its consumer come back in halves (requeue.lua records the width): a group of them is claimed on
+-- its own, never with ordinary messages, so a message that kills consumers is cornered in log2(n) deliveries while
+-- its innocent neighbours go on in batches; one that died alone is claimed alone until it is dead-lettered. A
+-- top-up of a claim that already holds messages therefore stops before such a message and leaves it first in line.
 -- Returns: { next ETA still pending or "", redelivered count of the first message, 1 if any request of the queue
 -- was abandoned by its caller lately (the consumer then looks the claimed ids up) else 0, raw1, raw2, ... },
 -- oldest first.
@@ -35,27 +36,42 @@ for k = #due, 1, -1 do
 end
 
 local tracked = redis.call('EXISTS', KEYS[4]) == 1
+-- How a message that was handed out before and never finished may be claimed: alone (it died alone before:
+-- limit 1, seen > 0), or with at most `limit` other such messages (its whole batch died: the halves of that
+-- batch come back as groups). 0: an ordinary message.
+local function suspicion(raw)
+  if not tracked then return 0, 0 end
+  local sha = redis.sha1hex(raw)
+  local seen = tonumber(redis.call('HGET', KEYS[4], sha) or '0')
+  if seen > 0 then return 1, seen end
+  return tonumber(redis.call('HGET', KEYS[4], 'w:' .. sha) or '0'), 0
+end
+
 local out = { '', 0, redis.call('EXISTS', KEYS[5]) }
 local taken = 0
+local group = 0
 local stop = false
 for i = 6, #KEYS do
   if taken >= n or stop then break end
   local got = redis.call('RPOP', KEYS[i], n - taken)
   if got then
     for j, raw in ipairs(got) do
-      local seen = 0
-      if tracked then seen = tonumber(redis.call('HGET', KEYS[4], redis.sha1hex(raw)) or '0') end
-      if seen > 0 and taken + held > 0 then
-        -- put it and everything after it back, oldest ending up at the right end again
+      local limit, seen = suspicion(raw)
+      if (limit > 0 and group == 0 and taken + held > 0) or (limit == 0 and group > 0) then
+        -- a suspect never joins ordinary messages, nor they a suspect group: put it and everything after it
+        -- back, oldest ending up at the right end again
         for k = #got, j, -1 do redis.call('RPUSH', KEYS[i], got[k]) end
         stop = true
         break
       end
+      if limit > 0 and group == 0 then
+        group = limit
+        out[2] = math.max(seen, 1)
+      end
       redis.call('RPUSH', KEYS[2], KEYS[i], raw)
       out[#out + 1] = raw
       taken = taken + 1
-      if seen > 0 then
-        out[2] = seen
+      if group > 0 and taken >= group then
         for k = #got, j + 1, -1 do redis.call('RPUSH', KEYS[i], got[k]) end
         stop = true
         break

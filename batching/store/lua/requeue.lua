@@ -14,7 +14,8 @@
 --
 -- Guarantees: a claim is requeued once, by its owner ("release") or only after its lease deadline has passed
 -- ("expired"); a live consumer's claim is never taken. Original order is kept: the oldest message is served next.
--- In "expired" mode each message's delivery count rises by one; past the maximum it goes to the dead-letter list
+-- In "expired" mode a claim of several messages comes back to be handed out in halves; a claim of one message has
+-- its delivery count raised by one, and past the maximum it goes to the dead-letter list
 -- (JSON {queue, reason, at, raw, deliveries}, the shape ack.lua writes too) instead of back to its queue.
 -- Returns: { messages requeued, dead-lettered raw1, raw2, ... } so the caller can mark those tasks FAILURE.
 
@@ -29,16 +30,22 @@ for c = 5, #ARGV do
   local deadline = redis.call('ZSCORE', KEYS[1], id)
   if deadline and (not expired or tonumber(deadline) < now) then
     local items = redis.call('LRANGE', key, 0, -1)
+    local size = #items / 2
     -- newest first, so that the claim's oldest message ends up at the right end, served next
     for i = #items - 1, 1, -2 do
       local src, raw = items[i], items[i + 1]
       local dead = false
-      if expired then
+      if expired and size > 1 then
+        -- A batch died: it comes back in halves (claim.lua claims such messages in groups of this width), so a
+        -- message that kills its consumers is cornered while the others go on in batches. Only a death alone
+        -- counts towards max_deliveries: innocent neighbours are never dead-lettered for a killer's deaths.
+        redis.call('HSET', KEYS[2], 'w:' .. redis.sha1hex(raw), math.ceil(size / 2))
+      elseif expired then
         local sha = redis.sha1hex(raw)
         local n = redis.call('HINCRBY', KEYS[2], sha, 1)
         if n >= max_deliveries then
           dead = true
-          redis.call('HDEL', KEYS[2], sha)
+          redis.call('HDEL', KEYS[2], sha, 'w:' .. sha)
           redis.call('LPUSH', KEYS[3], cjson.encode({
             queue = ARGV[3], at = now, raw = raw, deliveries = n,
             reason = 'delivered ' .. n .. ' time(s) and never finished: ' .. ARGV[4],

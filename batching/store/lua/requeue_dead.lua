@@ -14,6 +14,7 @@
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
   return 0
 end
-redis.call('HDEL', KEYS[2], redis.sha1hex(ARGV[2]))
+local sha = redis.sha1hex(ARGV[2])
+redis.call('HDEL', KEYS[2], sha, 'w:' .. sha)
 redis.call('LPUSH', KEYS[3], ARGV[2])
 return 1
