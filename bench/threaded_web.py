@@ -20,14 +20,13 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import redis.asyncio
 from celery import Task, states
 from celery.exceptions import TimeoutError as ResultTimeoutError
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
 from tasks import predict
-from tasks.web import DEFAULT_TIMEOUT_S, HEALTH_TIMEOUT_S, PredictRequest, TaskResponse, add_healthz, describe
+from tasks.web import DEFAULT_TIMEOUT_S, PredictRequest, TaskResponse, add_healthz, describe, health_redis
 
 #: Requests waiting for results at once, per web process. Each holds a thread with its own Redis result
 #: subscription; more requests queue for a thread. Keep it at least the task's batch_size, or batches stay small.
@@ -46,13 +45,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(web: FastAPI) -> AsyncIterator[None]:
         web.state.threads = anyio.CapacityLimiter(max_in_flight)
-        web.state.redis = redis.asyncio.Redis.from_url(
-            task.app.conf.broker_url, socket_connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S
-        )
-        try:
+        async with health_redis(web, task):
             yield
-        finally:
-            await web.state.redis.aclose()
 
     web = FastAPI(title="celery-batching example", lifespan=lifespan)
 

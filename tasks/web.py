@@ -57,14 +57,11 @@ def create_app(task: Task, request_model: type[BaseModel] = PredictRequest, *,
 
     @asynccontextmanager
     async def lifespan(web: FastAPI) -> AsyncIterator[None]:
-        web.state.redis = redis.asyncio.Redis.from_url(
-            task.app.conf.broker_url, socket_connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S
-        )
-        try:
-            yield
-        finally:
-            await web.state.redis.aclose()
-            await batching.aio.close()
+        async with health_redis(web, task):
+            try:
+                yield
+            finally:
+                await batching.aio.close()
 
     web = FastAPI(title="celery-batching example", lifespan=lifespan)
 
@@ -99,6 +96,18 @@ def create_app(task: Task, request_model: type[BaseModel] = PredictRequest, *,
 
     add_healthz(web)
     return web
+
+
+@asynccontextmanager
+async def health_redis(web: FastAPI, task: Task) -> AsyncIterator[None]:
+    """Holds ``web.state.redis``, the connection ``/healthz`` pings, for the app's lifetime."""
+    web.state.redis = redis.asyncio.Redis.from_url(
+        task.app.conf.broker_url, socket_connect_timeout=HEALTH_TIMEOUT_S, socket_timeout=HEALTH_TIMEOUT_S
+    )
+    try:
+        yield
+    finally:
+        await web.state.redis.aclose()
 
 
 def add_healthz(web: FastAPI) -> None:
