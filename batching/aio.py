@@ -30,9 +30,10 @@ from celery.result import AsyncResult
 from .client import values_of
 from .errors import BrokerError, QueueFull, ResultBackendError
 from .listener import RECONNECT_ERRORS, ResultListener
-from .publish import Admission, Message, build, published, queue_keys, tag
+from .publish import Admission, Message, build, published, queue_keys, replicas_of, tag
 from .store.keys import QueueKeys
 from .store.lua import source
+from .store.replication import NO_WAIT, Replicas
 
 __all__ = ["QueueFull", "close", "gather", "submit", "wait"]
 
@@ -51,7 +52,8 @@ async def submit(task: Any, *args: Any, **kwargs: Any) -> AsyncResult:
 
     The message is the one ``task.delay(*args, **kwargs)`` sends (same headers and signals); arguments are bound
     and checked first (``TypeError``). With the task's ``max_queue_size``, raises ``QueueFull`` and stores nothing
-    when the queue is full.
+    when the queue is full; with its ``wait_replicas``, returns once that many replicas hold the message
+    (``NotReplicated`` otherwise).
     """
     batching = getattr(task, "batching", None)
     if batching is not None:
@@ -61,10 +63,11 @@ async def submit(task: Any, *args: Any, **kwargs: Any) -> AsyncResult:
     broker = await _broker(task.app)
     message = build(task, broker.channel, args, kwargs, reply_to=task.app.thread_oid)
     limit = batching.max_queue_size if batching is not None else None
+    replicas = replicas_of(task) if batching is not None else NO_WAIT
     if limit is None:
-        await broker.push(message)
+        await broker.push(message, replicas)
     else:
-        await broker.admit(task, message, limit)
+        await broker.admit(task, message, limit, replicas)
     published(task, message)
     return tag(task.AsyncResult(message.task_id), task)
 
@@ -133,49 +136,61 @@ class _Broker:
     channel: Any
     prefix: str
     script: Any = None
-    _queued: list[tuple[Any, asyncio.Future[Any]]] = field(default_factory=list)
+    _queued: list[tuple[Any, asyncio.Future[Any], Replicas]] = field(default_factory=list)
     _flusher: asyncio.Task[None] | None = None
 
-    async def push(self, message: Message) -> None:
+    async def push(self, message: Message, replicas: Replicas) -> None:
         key = self.prefix + message.key
-        await self._send(lambda pipe: pipe.lpush(key, message.raw))
+        await self._send(lambda pipe: pipe.lpush(key, message.raw), replicas, f"task {message.task_id}")
 
-    async def admit(self, task: Any, message: Message, limit: int) -> None:
+    async def admit(self, task: Any, message: Message, limit: int, replicas: Replicas) -> None:
         admission = Admission(queue_keys(task, self.channel), limit)
         keys, args = admission.arguments([message])
         if self.script is None:
             self.script = self.client.register_script(source(Admission.SCRIPT))
         script = self.script
-        admission.check(await self._send(lambda pipe: script(keys=keys, args=args, client=pipe)), 1)
+        reply = await self._send(lambda pipe: script(keys=keys, args=args, client=pipe), replicas,
+                                 f"task {message.task_id}")
+        admission.check(reply, 1)
 
-    async def _send(self, queue_on: Any) -> Any:
+    async def _send(self, queue_on: Any, replicas: Replicas = NO_WAIT, what: str = "") -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((queue_on, future))
+        self._queued.append((queue_on, future, replicas))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        reply, acked = await future
+        if replicas:
+            replicas.check(acked, what)
+        return reply
 
     async def _flush(self) -> None:
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
+                # Durable sends in this round trip: one WAIT after all of its writes confirms them all.
+                waits = [r for _, _, r in batch if r]
                 try:
                     async with self.client.pipeline(transaction=False) as pipe:
-                        for queue_on, _ in batch:
+                        for queue_on, _, _ in batch:
                             await queue_on(pipe)
+                        if waits:
+                            max(waits, key=lambda r: (r.wanted, r.timeout_s)).queue_wait(pipe)
                         replies = await pipe.execute(raise_on_error=False)
                 except Exception as exc:
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), reply in zip(batch, replies, strict=True):
+                acked = replies.pop() if waits else 0
+                if isinstance(acked, Exception):
+                    acked = 0  # WAIT refused (a replica-less setup that forbids it): nothing confirmed
+                for (_, future, _), reply in zip(batch, replies, strict=True):
                     if future.done():
                         continue
                     if isinstance(reply, Exception):
                         future.set_exception(reply)
                     else:
-                        future.set_result(reply)
+                        future.set_result((reply, acked))
         finally:
             self._flusher = None
 

@@ -19,7 +19,7 @@ from typing import Any
 from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
 
-from .publish import Admission, build, published, queue_keys, sync_client, tag
+from .publish import Admission, build, published, push_plain, queue_keys, replicas_of, sync_client, tag
 
 #: Messages per pipeline round trip when submitting in bulk.
 SUBMIT_CHUNK = 1000
@@ -61,17 +61,15 @@ def submit_many(
             for kwargs in bound
         ]
         client = sync_client(channel.pool)
+        replicas = replicas_of(task)
         if limit is not None:
             # All or nothing: one script call for the whole send. It can hold at most max_queue_size messages
             # anyway, since a larger send could never be admitted.
-            Admission(queue_keys(task, channel), limit).push(client, messages)
+            Admission(queue_keys(task, channel), limit).push(client, messages, replicas)
         else:
             prefix = channel.global_keyprefix or ""
             for start in range(0, len(messages), chunk):
-                with client.pipeline(transaction=False) as pipe:
-                    for m in messages[start:start + chunk]:
-                        pipe.lpush(prefix + m.key, m.raw)
-                    pipe.execute()
+                push_plain(client, prefix, messages[start:start + chunk], replicas)
         for m in messages:
             published(task, m)
         if sent_events:

@@ -5,7 +5,8 @@
     BatchingError
     ├── ConfigurationError        bad decorator/consumer settings; raised at definition or start-up
     ├── BrokerError               the broker cannot be used (unsupported URL, unreachable at start-up)
-    │   └── BrokerOutOfMemory     (also kombu's OperationalError) Redis refused a send: it is at maxmemory
+    │   ├── BrokerOutOfMemory     (also kombu's OperationalError) Redis refused a send: it is at maxmemory
+    │   └── NotReplicated         (``wait_replicas``) a write was not acknowledged by enough replicas in time
     ├── ResultBackendError        ``batching.aio`` cannot wait on this result backend (not Redis)
     ├── QueueFull                 a send would leave more than ``max_queue_size`` requests waiting; nothing stored
     ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
@@ -38,6 +39,21 @@ class ConfigurationError(BatchingError):
 
 class BrokerError(BatchingError):
     """The app's broker cannot be used by the batching consumer."""
+
+
+class NotReplicated(BrokerError):
+    """A write reached the Redis master but fewer than ``wait_replicas`` replicas acknowledged it in time.
+
+    Raised by a send of a task with ``wait_replicas``: the message is on the master and will run unless the master
+    fails before it replicates, so a caller that must not lose it resends it with the same ``task_id`` (a request
+    that then exists twice runs twice and stores the same result twice: at least once, never lost). Inside a
+    consumer it is an outage like any Redis error: the write is retried until a replica has it.
+    """
+
+    def __init__(self, message: str, acked: int = 0, wanted: int = 1) -> None:
+        super().__init__(message)
+        self.acked = acked
+        self.wanted = wanted
 
 
 class ResultBackendError(BatchingError):

@@ -10,7 +10,8 @@ for kombu's publish batch that records the LPUSH instead of sending it. What com
 list element ``.delay()`` would have written; a test compares the two field by field.
 
 ``Admission`` pushes such elements with ``lua/admit.lua`` for a task with ``max_queue_size``: the depth check and
-the pushes are one atomic call.
+the pushes are one atomic call. In durable mode (``wait_replicas``) every push is followed, in the same round trip,
+by Redis's ``WAIT`` (``store/replication.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kombu.utils.uuid import uuid
 from .errors import ConfigurationError, QueueFull
 from .store.keys import QueueKeys
 from .store.lua import source
+from .store.replication import NO_WAIT, Replicas
 
 #: Seconds a refused send is told to wait when the queue's drain rate is not known yet.
 DEFAULT_RETRY_AFTER_S = 1.0
@@ -218,10 +220,15 @@ class Admission:
             depth=depth, retry_after=retry_after, limit=self.limit,
         )
 
-    def push(self, client: Any, messages: Sequence[Message]) -> int:
-        """Push ``messages`` (one atomic call) with a sync redis-py ``client``; returns the depth after."""
+    def push(self, client: Any, messages: Sequence[Message], replicas: Replicas = NO_WAIT) -> int:
+        """Push ``messages`` (one atomic call) with a sync redis-py ``client``; returns the depth after. With
+        ``replicas``, the call is confirmed by them (``NotReplicated`` otherwise) in the same round trip."""
         keys, args = self.arguments(messages)
-        return self.check(_script(client)(keys=keys, args=args), len(messages))
+        script = _script(client)
+        if not replicas:
+            return self.check(script(keys=keys, args=args), len(messages))
+        (reply,) = replicas.run(client, lambda pipe: script(keys=keys, args=args, client=pipe), _what(messages))
+        return self.check(reply, len(messages))
 
 
 _scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -235,19 +242,20 @@ def _script(client: Any) -> Any:
     return found
 
 
-def send_admitted(task: Any, send: Any, producer: Any = None) -> Any:
-    """Run ``send(producer)`` — Celery's own ``apply_async`` — with its final push replaced by an admission call.
+def send_pushed(task: Any, send: Any, producer: Any = None) -> Any:
+    """Run ``send(producer)`` — Celery's own ``apply_async`` — with its final push made here instead of by kombu:
+    through ``admit.lua`` for a bounded queue (``max_queue_size``), and confirmed by replicas (``wait_replicas``).
 
     Everything before the push is Celery's and kombu's: routing, headers, signals, serialization, declaring. The
     producer hands its prepared message to a publish batch when one is active (kombu's ``Producer.batch``); this
-    installs one that routes the message with kombu and pushes it through ``admit.lua``. A refused send raises
-    ``QueueFull`` out of ``apply_async`` before ``after_task_publish``, and drops the result subscription Celery
-    opened for it.
+    installs one that routes the message with kombu and pushes it. A refused send raises ``QueueFull`` out of
+    ``apply_async`` before ``after_task_publish``, and drops the result subscription Celery opened for it; an
+    unconfirmed one raises ``NotReplicated`` (the message is on the master: it may still run).
     """
     with task.app.producer_or_acquire(producer) as p:
         local = p._batch_local
         outer = getattr(local, "current", None)
-        local.current = _AdmitOne(task)
+        local.current = _PushOne(task)
         try:
             return send(p)
         finally:
@@ -257,8 +265,8 @@ def send_admitted(task: Any, send: Any, producer: Any = None) -> Any:
                 local.current = outer
 
 
-class _AdmitOne:
-    """Quacks like kombu's producer batch state for exactly one message: admits it instead of buffering it."""
+class _PushOne:
+    """Quacks like kombu's producer batch state for exactly one message: pushes it our way instead of buffering it."""
 
     def __init__(self, task: Any) -> None:
         self.task = task
@@ -268,14 +276,39 @@ class _AdmitOne:
         channel.basic_publish(envelope, _publish_batch=recorder, **kwargs)
         (key, raw), = (args for name, args in recorder.commands if name == "lpush")
         task_id = envelope["properties"].get("correlation_id", "")
-        admission = Admission(queue_keys(self.task, channel), self.task.batching.max_queue_size)
+        settings = self.task.batching
+        message = Message(task_id, settings.queue, key, raw, None, {})
+        client = sync_client(channel.pool)
+        if settings.max_queue_size is None:
+            push_plain(client, channel.global_keyprefix or "", [message], replicas_of(self.task))
+            return
+        admission = Admission(queue_keys(self.task, channel), settings.max_queue_size)
         try:
-            admission.push(sync_client(channel.pool), [Message(task_id, self.task.batching.queue, key, raw, None, {})])
+            admission.push(client, [message], replicas_of(self.task))
         except QueueFull:
             consumer = getattr(self.task.backend, "result_consumer", None)
             if consumer is not None and hasattr(consumer, "cancel_for"):
                 consumer.cancel_for(task_id)  # Celery subscribed to the result of a task that now never exists
             raise
+
+
+def replicas_of(task: Any) -> Replicas:
+    """How many replicas must acknowledge a push of ``task`` (durable mode: its ``wait_replicas``)."""
+    settings = task.batching
+    return Replicas(settings.wait_replicas, settings.wait_timeout)
+
+
+def push_plain(client: Any, prefix: str, messages: Sequence[Message], replicas: Replicas = NO_WAIT) -> None:
+    """LPUSH ``messages`` in one round trip (kombu's own final command), confirmed by ``replicas`` if any."""
+    def queue_pushes(pipe: Any) -> None:
+        for m in messages:
+            pipe.lpush(prefix + m.key, m.raw)
+
+    replicas.run(client, queue_pushes, _what(messages))
+
+
+def _what(messages: Sequence[Message]) -> str:
+    return f"task {messages[0].task_id}" if len(messages) == 1 else f"a send of {len(messages)} tasks"
 
 
 _clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()

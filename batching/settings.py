@@ -28,6 +28,8 @@ DEFAULT_LEASE_S = 20.0
 DEFAULT_MAX_DELIVERIES = 3
 #: Default largest message, in bytes, that is decoded at all; larger ones fail unread.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Default seconds a durable write (``wait_replicas``) waits for its replicas' acknowledgement.
+DEFAULT_WAIT_TIMEOUT_S = 1.0
 
 #: Celery task options a batched task takes as they are (``app.task``'s arguments and ``Task`` attributes that
 #: mean something for a task whose calls run in batches). Anything else is refused by name: a misspelt option
@@ -41,7 +43,7 @@ CELERY_TASK_OPTIONS = frozenset({
 })
 #: ``@batched``'s own options.
 BATCHING_OPTIONS = ("name", "batch_size", "max_delay", "queue", "lease_s", "max_deliveries", "max_message_bytes",
-                    "isolate_errors", "max_queue_size")
+                    "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class BatchSettings:
     #: Most requests that may wait in the queue (all priorities, not yet claimed); a send that would leave more
     #: raises ``QueueFull`` in the client. ``None``: unbounded, and sends cost nothing extra.
     max_queue_size: int | None = None
+    #: Durable mode: every push, claim, result write and finish waits (Redis ``WAIT``) until this many replicas
+    #: acknowledged it, at most ``wait_timeout`` seconds, else ``NotReplicated``. 0: asynchronous replication.
+    wait_replicas: int = 0
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S
     # The Celery options the consumer acts on, as the worker resolves them from the task (app defaults included).
     ignore_result: bool = False
     time_limit: float | None = None
@@ -113,6 +119,11 @@ class BatchSettings:
                f"{self.isolate_errors!r}")
         _check(self.max_queue_size is None or (_is_int(self.max_queue_size) and self.max_queue_size >= 1),
                f"max_queue_size must be an integer >= 1 or None, got {self.max_queue_size!r}")
+        _check(_is_int(self.wait_replicas) and self.wait_replicas >= 0,
+               f"wait_replicas must be an integer >= 0, got {self.wait_replicas!r}")
+        _check(isinstance(self.wait_timeout, (int, float)) and not isinstance(self.wait_timeout, bool)
+               and math.isfinite(self.wait_timeout) and self.wait_timeout >= 0.001,
+               f"wait_timeout must be a number of seconds >= 0.001, got {self.wait_timeout!r}")
         _check(isinstance(self.queue, str) and bool(self.queue), f"queue must be a non-empty string, got "
                f"{self.queue!r}")
 

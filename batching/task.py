@@ -25,13 +25,14 @@ from .errors import BrokerOutOfMemory, ConfigurationError, UnbatchedCallError
 from .merge import CallSpec, execute
 from .model import ModelHandle
 from .policy import FlushPolicy
-from .publish import send_admitted, tag
+from .publish import send_pushed, tag
 from .settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LEASE_S,
     DEFAULT_MAX_DELAY_S,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_WAIT_TIMEOUT_S,
     BatchSettings,
     RetryPolicy,
     check_task_options,
@@ -76,13 +77,15 @@ class BatchedTask(Task):
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
         try:
-            if self.batching.max_queue_size is None or self.app.conf.task_always_eager:
+            settings = self.batching
+            if (settings.max_queue_size is None and not settings.wait_replicas) or self.app.conf.task_always_eager:
                 result = super().apply_async((), bound, *rest, **options)
             else:
-                # A bounded queue: Celery's own send, with the final push made by the admission script.
+                # A bounded queue or durable mode: Celery's own send, with the final push made by us (the admission
+                # script; WAIT for the replicas).
                 options.update(zip(_APPLY_ASYNC_POSITIONAL, rest, strict=False))
                 producer = options.pop("producer", None)
-                result = send_admitted(
+                result = send_pushed(
                     self, lambda p: super(BatchedTask, self).apply_async((), bound, producer=p, **options), producer
                 )
         except OperationalError as exc:
@@ -159,6 +162,8 @@ def batched(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     isolate_errors: bool = True,
     max_queue_size: int | None = None,
+    wait_replicas: int = 0,
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -177,7 +182,9 @@ def batched(
     dead-lettered. ``max_message_bytes``: larger messages fail without being decoded. ``isolate_errors``: when
     ``run_batch`` raises, bisect the batch so only the culprit requests fail (False: the whole batch fails).
     ``max_queue_size``: most requests that may wait in the queue; a send that would leave more raises
-    ``QueueFull`` in the client, atomically across every client (None: unbounded).
+    ``QueueFull`` in the client, atomically across every client (None: unbounded). ``wait_replicas``: durable
+    mode — every send, claim, result write and finish waits up to ``wait_timeout`` seconds for that many Redis
+    replicas to acknowledge it (``NotReplicated`` otherwise), so a failover loses no acknowledged request.
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -186,7 +193,7 @@ def batched(
     own: dict[str, Any] = dict(
         name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
         max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
-        max_queue_size=max_queue_size,
+        max_queue_size=max_queue_size, wait_replicas=wait_replicas, wait_timeout=wait_timeout,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -206,7 +213,8 @@ def batched(
         name=task_name, queue=queue or f"batching.{task_name}", spec=spec,
         policy=FlushPolicy(batch_size, max_delay),
         lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
-        isolate_errors=isolate_errors, max_queue_size=max_queue_size,
+        isolate_errors=isolate_errors, max_queue_size=max_queue_size, wait_replicas=wait_replicas,
+        wait_timeout=wait_timeout,
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)

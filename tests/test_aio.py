@@ -144,8 +144,9 @@ def test_thousands_of_waiters_share_one_connection_and_cost_a_few_kib_each(redis
             tracemalloc.stop()
             pubsub = [c for c in subscribed if int(c["sub"])]
             assert len(pubsub) == 1 and int(pubsub[0]["sub"]) == n  # one connection holds every subscription
-            # waiting added that connection and one for the lookups, whatever the number of waiters
-            assert len(subscribed) == before_waiting + 2, [(c["cmd"], c["age"], c["sub"]) for c in subscribed]
+            # waiting added that connection and at most one for the lookups (which may reuse an idle one), whatever
+            # the number of waiters
+            assert len(subscribed) <= before_waiting + 2, [(c["cmd"], c["age"], c["sub"]) for c in subscribed]
             await asyncio.to_thread(lambda: start_worker("tests.apps.waiters", "--pool", "solo").ready())
             return await asyncio.gather(*waiters)
         finally:

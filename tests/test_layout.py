@@ -152,7 +152,7 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(batching.__all__) == [
         "BatchResultError", "BatchSettings", "BatchedTask", "Batcher", "BatcherStopped", "BatchingError",
         "BrokerError", "BrokerOutOfMemory", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
-        "MissingArgumentError", "QueueFull", "QueueStatus", "RequestAbandoned", "ResultBackendError",
+        "MissingArgumentError", "NotReplicated", "QueueFull", "QueueStatus", "RequestAbandoned", "ResultBackendError",
         "ResultEncodeError", "UnbatchedCallError", "UnexpectedArgumentError", "__version__", "aio", "batched",
         "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead", "shared_batched", "submit_many",
     ]

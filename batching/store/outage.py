@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import redis
 
+from ..errors import NotReplicated
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -21,8 +23,8 @@ T = TypeVar("T")
 #: Errors that mean Redis, not the request, is in trouble: retry after a backoff instead of giving up. Any
 #: ``RedisError`` counts, not only a lost connection: a Redis at ``maxmemory`` (OOM), loading its data, or a replica
 #: that became read-only in a failover refuses commands for a while, and a consumer thread that ended on one of
-#: them would leave its claims stuck until a restart.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError)
+#: them would leave its claims stuck until a restart. So does a write no replica confirmed (``wait_replicas``).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, NotReplicated, ConnectionError, OSError)
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 #: Backoff between attempts while Redis is unreachable, in seconds (doubling up to the maximum).
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ..errors import BrokerError
+from ..errors import BrokerError, NotReplicated
 from .keys import QueueKeys, batch_sizes
 from .lua import script
+from .replication import NO_WAIT, Replicas
 
 if TYPE_CHECKING:
     from ..settings import BatchSettings
@@ -60,11 +61,16 @@ class Finish:
 class QueueStore:
     """Claims and finishes batches of one queue through a redis-py client of the app's broker."""
 
-    def __init__(self, client: redis.Redis, keys: QueueKeys, *, lease_s: float = 20.0, max_deliveries: int = 3) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: QueueKeys, *, lease_s: float = 20.0, max_deliveries: int = 3,
+        replicas: Replicas = NO_WAIT,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.lease_s = lease_s
         self.max_deliveries = max_deliveries
+        #: Durable mode (``wait_replicas``): claims and finishes count only once replicas acknowledged them.
+        self.replicas = replicas
         self._claim = script(client, "claim.lua")
         self._ack = script(client, "ack.lua")
         self._requeue = script(client, "requeue.lua")
@@ -106,7 +112,9 @@ class QueueStore:
             priority_steps=tuple(channel.priority_steps),
         )
         client = redis.Redis(connection_pool=channel.pool)
-        return cls(client, keys, lease_s=settings.lease_s, max_deliveries=settings.max_deliveries), connection
+        replicas = Replicas(settings.wait_replicas, settings.wait_timeout)
+        return cls(client, keys, lease_s=settings.lease_s, max_deliveries=settings.max_deliveries,
+                   replicas=replicas), connection
 
     def new_claim(self) -> Claim:
         return Claim(uuid.uuid4().hex, epoch=self.epoch)
@@ -145,10 +153,9 @@ class QueueStore:
         if into.redelivered:
             return 0  # a suspect message runs alone
         k = self.keys
-        reply = self._claim(
-            keys=[k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, k.abandoned, *k.lists],
-            args=[count, into.claim_id, self.lease_s, len(into.raws)],
-        )
+        keys = [k.claims, k.claim(into.claim_id), k.delayed, k.deliveries, k.abandoned, *k.lists]
+        args = [count, into.claim_id, self.lease_s, len(into.raws)]
+        reply = self._claim_durably(into, keys, args) if self.replicas else self._claim(keys=keys, args=args)
         into.next_eta = float(reply[0]) if reply[0] else None
         into.abandonments = bool(int(reply[2]))
         taken = reply[3:]
@@ -157,6 +164,18 @@ class QueueStore:
         into.redelivered = int(reply[1])
         into.raws.extend(taken)
         return len(taken)
+
+    def _claim_durably(self, into: Claim, keys: list[str], args: list[Any]) -> Any:
+        """``claim.lua`` confirmed by replicas. An unconfirmed claim is given back at once, whole (a release, which
+        counts no delivery), and its batch is dropped unrun by the caller, as after any failed claim call: after a
+        failover a replica that never saw the claim would hand the same messages out again."""
+        try:
+            (reply,) = self.replicas.run(self.client, lambda pipe: self._claim(keys=keys, args=args, client=pipe),
+                                         f"a claim of {self.keys.queue!r}")
+        except NotReplicated:
+            self._requeue_claims("release", [into.claim_id])
+            raise
+        return reply
 
     def abandoned_among(self, task_ids: list[str]) -> set[str]:
         """Those of ``task_ids`` whose caller gave up waiting (one ZMSCORE)."""
@@ -187,9 +206,11 @@ class QueueStore:
             args += [eta, raw]
         for reason, raw in outcome.dead:
             args += [reason, raw]
-        finished = self._ack(
-            keys=[k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats, k.deliveries], args=args
-        )
+        keys = [k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats, k.deliveries]
+        if not self.replicas:
+            return bool(self._ack(keys=keys, args=args))
+        (finished,) = self.replicas.run(self.client, lambda pipe: self._ack(keys=keys, args=args, client=pipe),
+                                        f"the finish of a claim of {self.keys.queue!r}")
         return bool(finished)
 
     def owns(self, claim: Claim) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..codec import task_id_of
-from ..errors import MessageError
+from ..errors import MessageError, NotReplicated
 from ..store.durability import record_loss
 from ..store.outage import REDIS_ERRORS, Outage, with_retries
 from ..store.queue import NEVER_FINISHED, QueueStore
@@ -49,7 +49,7 @@ class Keeper:
         self.outage = outage
         self.accept = accept
         self.stop = stop
-        self.writer = ResultWriter(app.backend, socket_timeout_s=socket_timeout_s)
+        self.writer = ResultWriter(app.backend, socket_timeout_s=socket_timeout_s, replicas=store.replicas)
         #: Results go to the broker's Redis database: the write itself can check the claim is still ours.
         self.fence_in_write = self.writer.fences_on(store.client)
         self.events = events
@@ -91,14 +91,32 @@ class Keeper:
         self.events.send_batch(
             outcomes, received=batch.claimed_at or time.time(), started=batch.started_at, finished=time.time()
         )
-        if claim and not lost_with_data and not with_retries(lambda: self.store.finish(claim, batch.finish),
-                                                             self.outage, self.stop):
-            logger.warning("batching %s: a claim of %d message(s) outlived its lease and was taken over while its "
-                           "results were stored; they may run again", name, len(claim))
+        if claim and not lost_with_data:
+            self._finish(batch)
         for reason, _raw in batch.finish.dead:
             logger.warning("batching %s: dead-lettered a message: %s", name, reason)
         if self.metrics is not None:
             self.metrics.settled(name, outcomes, batch.claimed_at, len(batch.finish.dead))
+
+    def _finish(self, batch: Batch) -> None:
+        claim, unconfirmed = batch.claim, []
+
+        def finish() -> bool:
+            try:
+                return self.store.finish(claim, batch.finish)
+            except NotReplicated:
+                unconfirmed.append(True)  # it may have happened on the master all the same
+                raise
+
+        if with_retries(finish, self.outage, self.stop):
+            return
+        if unconfirmed:
+            logger.warning("batching %s: finishing a claim of %d message(s) was not confirmed by the replicas in "
+                           "time; on retrying, the claim was gone: it was finished before a failover, or its lease "
+                           "ran out meanwhile and its messages may run again", self.settings.name, len(claim))
+        else:
+            logger.warning("batching %s: a claim of %d message(s) outlived its lease and was taken over while its "
+                           "results were stored; they may run again", self.settings.name, len(claim))
 
     def _fenced_off(self, batch: Batch, outcomes: list[Outcome]) -> None:
         logger.warning("batching %s: the claim of %d message(s) was taken over after this consumer's lease ran out; "

@@ -23,6 +23,7 @@ from celery.backends.redis import RedisBackend
 from ..errors import ResultEncodeError
 from ..store.lua import script
 from ..store.queue import dead_link_options
+from ..store.replication import NO_WAIT, Replicas
 from .batch import Batch, Outcome
 from .request import TaskRequest
 
@@ -32,8 +33,12 @@ logger = logging.getLogger(__name__)
 class ResultWriter:
     """Writes outcomes to one app's result backend."""
 
-    def __init__(self, backend: Backend, *, socket_timeout_s: float | None = None) -> None:
+    def __init__(
+        self, backend: Backend, *, socket_timeout_s: float | None = None, replicas: Replicas = NO_WAIT
+    ) -> None:
         self.backend = backend
+        #: Durable mode: a Redis backend's writes count once this many replicas acknowledged them.
+        self.replicas = replicas
         self._pipelined = isinstance(backend, RedisBackend)
         self.client: Any = self._client(socket_timeout_s) if self._pipelined else None
         # With result_extended the meta also carries name/args/kwargs/worker/...: let Celery build all of it.
@@ -68,9 +73,7 @@ class ResultWriter:
         in the same script that stores (with another backend the keeper checks just before writing)."""
         if not self._pipelined:
             return False
-        ours = self.client.connection_pool.connection_kwargs
-        theirs = broker.connection_pool.connection_kwargs
-        return all(ours.get(k) == theirs.get(k) for k in ("host", "port", "path", "db"))
+        return _server_of(self.client.connection_pool) == _server_of(broker.connection_pool)
 
     def write(self, outcomes: Sequence[Outcome], fence: tuple[str, str] | None = None) -> bool:
         """Store the outcomes; with ``fence`` (claims key, claim id) only while that claim is registered.
@@ -101,7 +104,13 @@ class ResultWriter:
         if fence is not None:
             keys.append(fence[0])
             ttls.append(fence[1])
-        return int(self._script(keys=keys, args=[len(payloads), *payloads, *ttls])) >= 0
+        args = [len(payloads), *payloads, *ttls]
+        if not self.replicas:
+            return int(self._script(keys=keys, args=args)) >= 0
+        results = self._script
+        (stored,) = self.replicas.run(self.client, lambda pipe: results(keys=keys, args=args, client=pipe),
+                                      f"the results of a batch of {len(payloads)}")
+        return int(stored) >= 0
 
     def _client(self, socket_timeout_s: float | None) -> Any:
         """The backend's Redis client, or, given a timeout, one on the same server that notices a dead link within
@@ -151,6 +160,16 @@ class ResultWriter:
                 meta["parent_id"] = request.parent_id
         meta["task_id"] = o.task_id
         return backend.encode(meta)
+
+
+def _server_of(pool: Any) -> tuple[Any, ...]:
+    """Which Redis database a connection pool talks to: a Sentinel pool by its master's service name (its
+    connection kwargs name no host), any other by address."""
+    kwargs = pool.connection_kwargs
+    service = getattr(pool, "service_name", None)
+    if service is not None:
+        return ("sentinel", service, kwargs.get("db"))
+    return tuple(kwargs.get(k) for k in ("host", "port", "path", "db"))
 
 
 class Started:
