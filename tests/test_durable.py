@@ -149,7 +149,8 @@ def test_a_failover_loses_no_acknowledged_request_in_durable_mode(
             assert [r["status"] for r in results] == ["SUCCESS"] * n
             assert [r["result"] for r in results] == [2 * i for i in range(n)]
             twice = sum(1 for count in _ran(runs).values() if count > 1)
-            print(f"\n{how} failover, durable: sent {n}, lost 0, ran twice {twice}, client send errors {dict(errors)}")
+            mode = f"wait_replicas={durable.double.batching.wait_replicas}"
+            print(f"\n{how} failover, {mode}: sent {n}, lost 0, ran twice {twice}, client send errors {dict(errors)}")
         finally:
             sender.join(5)
             worker.stop()
