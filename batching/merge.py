@@ -112,6 +112,9 @@ class CallSpec:
         Parameters a request omits get their default; names that only arrive through ``**kwargs`` get ``None``
         for the requests that omit them.
         """
+        uniform = self._merge_uniform(requests)
+        if uniform is not None:
+            return uniform
         merged = Merged()
         bound_ok: list[dict[str, Any]] = []
         for index, (args, kwargs) in enumerate(requests):
@@ -129,6 +132,39 @@ class CallSpec:
         for name in names:
             default = self.defaults.get(name)
             merged.kwargs[name] = [bound.get(name, default) for bound in bound_ok]
+        return merged
+
+    def _merge_uniform(self, requests: Sequence[tuple[Sequence[Any], Mapping[str, Any]]]) -> Merged | None:
+        """The common case, where every request has the same shape (as many positionals, the same keyword names:
+        one client code path): bound once, then one list per parameter. None when shapes differ or the shape does
+        not bind, for the general path to decide request by request. Same result as the general path, without its
+        dict per request (which was nine tenths of merging a no-op batch).
+        """
+        if not requests:
+            return None
+        first_args, first_kwargs = requests[0]
+        nargs, keys = len(first_args), first_kwargs.keys()
+        for args, kwargs in requests:
+            if len(args) != nargs or kwargs.keys() != keys:
+                return None
+        try:
+            bound = self.bind(first_args, first_kwargs)
+        except (MissingArgumentError, UnexpectedArgumentError):
+            return None
+        size = len(requests)
+        merged = Merged(positions=list(range(size)))
+        names = list(self.names)
+        if self.accepts_any_keyword:
+            names.extend(sorted(set(bound) - set(names)))
+        index = {name: i for i, name in enumerate(self.positional[:nargs])}
+        for name in names:
+            if name in index:
+                i = index[name]
+                merged.kwargs[name] = [args[i] for args, _ in requests]
+            elif name in bound:
+                merged.kwargs[name] = [kwargs[name] for _, kwargs in requests]
+            else:
+                merged.kwargs[name] = [self.defaults.get(name)] * size
         return merged
 
 

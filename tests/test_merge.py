@@ -262,3 +262,56 @@ def test_execute_matches_binding_each_request_alone(requests: list[tuple[tuple[A
             assert isinstance(outcome, MissingArgumentError)
         else:
             assert outcome == {**SPEC.defaults, **given_values}
+
+
+# -- property: requests of one shape (the common case, merged by binding once) -------------------------------------
+
+
+def kwargs_model(text: str, scale: float = 1.0, **extra: Any) -> None:
+    """A model that takes any other name too: extra names become lists, in sorted order, after the signature's."""
+
+
+@st.composite
+def same_shape(draw: st.DrawFn, spec: CallSpec) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Requests that all carry as many positionals and the same names (maybe unknown ones), with their own values."""
+    n_positional = draw(st.integers(0, len(spec.positional)))
+    rest = spec.names[n_positional:]
+    names = sorted(draw(st.sets(st.sampled_from(rest))) if rest else set())
+    if draw(st.booleans()):
+        names.append(UNKNOWN)
+    count = draw(st.integers(1, 8))
+    return [
+        (tuple(draw(st.integers()) for _ in range(n_positional)), {name: draw(st.integers()) for name in names})
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("spec", [SPEC, CallSpec.from_callable(kwargs_model)], ids=["plain", "var-keyword"])
+@given(data=st.data())
+def test_requests_of_one_shape_merge_as_each_bound_alone(spec: CallSpec, data: st.DataObject) -> None:
+    requests = data.draw(same_shape(spec))
+
+    merged = spec.merge(requests)
+
+    expected: list[dict[str, Any]] = []
+    for args, kwargs in requests:
+        try:
+            expected.append(spec.bind(args, kwargs))
+        except (MissingArgumentError, UnexpectedArgumentError):
+            assert merged.rejected.keys() == set(range(len(requests)))  # one shape: all bind, or none
+            assert not merged.kwargs or not any(merged.kwargs.values())
+            return
+    extra = sorted({name for bound in expected for name in bound} - set(spec.names))
+    assert list(merged.kwargs) == [*spec.names, *extra]
+    assert merged.positions == list(range(len(requests)))
+    assert merged.kwargs == {
+        name: [bound.get(name, spec.defaults.get(name)) for bound in expected] for name in [*spec.names, *extra]
+    }
+
+
+def test_requests_of_different_shapes_still_bind_one_by_one() -> None:
+    merged = SPEC.merge([(("hi", "en"), {}), ((), {"text": "yo", "lang": "fr", "count": 3}), (("x",), {})])
+
+    assert merged.positions == [0, 1]
+    assert merged.kwargs["text"] == ["hi", "yo"] and merged.kwargs["count"] == [0, 3]
+    assert isinstance(merged.rejected[2], MissingArgumentError)
