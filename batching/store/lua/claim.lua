@@ -50,6 +50,9 @@ end
 local out = { '', 0, redis.call('EXISTS', KEYS[5]) }
 local taken = 0
 local group = 0
+-- (source list, raw) pairs for this claim's list, pushed at the end in a few calls rather than one per message:
+-- a call from Lua costs Redis more than the element it pushes.
+local record = {}
 local stop = false
 for i = 6, #KEYS do
   if taken >= n or stop then break end
@@ -68,7 +71,8 @@ for i = 6, #KEYS do
         group = limit
         out[2] = math.max(seen, 1)
       end
-      redis.call('RPUSH', KEYS[2], KEYS[i], raw)
+      record[#record + 1] = KEYS[i]
+      record[#record + 1] = raw
       out[#out + 1] = raw
       taken = taken + 1
       if group > 0 and taken >= group then
@@ -78,6 +82,9 @@ for i = 6, #KEYS do
       end
     end
   end
+end
+for first = 1, #record, 1000 do  -- unpack() is bounded by Lua's C stack (8,000 values)
+  redis.call('RPUSH', KEYS[2], unpack(record, first, math.min(first + 999, #record)))
 end
 if taken > 0 then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
