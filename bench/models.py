@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-Model = Callable[[Sequence[Any]], list[Any]]
+Model = Callable[[Sequence[Any]], Any]
 
 #: Fixed cost of one `accel` call, in seconds (kernel launch + transfer, as a GPU looks from the host).
 ACCEL_FIXED_S = 0.005
@@ -76,10 +76,10 @@ def _embedder() -> Any:
     return Embedder()
 
 
-def embed(xs: Sequence[Any]) -> list[Any]:
-    """all-MiniLM-L6-v2 sentence embeddings (384 floats each), one forward pass per call, on one CPU thread."""
-    vectors: list[Any] = _embedder().run_batch([sentence(int(x)) for x in xs])
-    return vectors
+def embed(xs: Sequence[Any]) -> Any:
+    """all-MiniLM-L6-v2 sentence embeddings (a float32 array of 384 per input), one forward pass per call, on one
+    CPU thread."""
+    return _embedder().run_batch([sentence(int(x)) for x in xs])
 
 
 MODELS: dict[str, Model] = {"noop": noop, "accel": accel, "embed": embed}

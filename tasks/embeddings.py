@@ -29,17 +29,17 @@ class Embedder:
     def __init__(self, device: str = "cpu") -> None:
         self.model = _load(device)
 
-    def run(self, text: str) -> list[float]:
+    def run(self, text: str) -> Any:
         return self.run_batch([text])[0]
 
-    def run_batch(self, text: list[str]) -> list[list[float]]:
+    def run_batch(self, text: list[str]) -> Any:
+        """A float32 numpy array of shape (len(text), 384): one row per request, which clients get as a list of
+        floats (the worker encodes arrays in C rather than calling ``tolist()`` here)."""
         # batch_size=len(text): encode() would otherwise cut our batch into its own sub-batches of 32.
-        vectors = self.model.encode(
+        return self.model.encode(
             list(text), batch_size=max(len(text), 1), normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         )
-        result: list[list[float]] = vectors.tolist()
-        return result
 
 
 def _load(device: str) -> Any:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sentence_transformers")  # the embeddings extra; CI installs it, so these run there
@@ -40,18 +41,17 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 def test_vectors_are_384_floats_of_unit_length(embedder):
     vectors = embedder.run_batch(["hello world", "", "a much longer sentence about dynamic batching " * 20])
-    assert [len(v) for v in vectors] == [384, 384, 384]
-    assert all(type(x) is float for v in vectors for x in v)
-    for v in vectors:
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    for v in vectors.tolist():
         assert math.sqrt(sum(x * x for x in v)) == pytest.approx(1.0, abs=1e-5)
-    assert embedder.run("hello world") == pytest.approx(vectors[0], abs=1e-5)
+    assert embedder.run("hello world").tolist() == pytest.approx(vectors[0].tolist(), abs=1e-5)
 
 
 def test_same_text_same_vector_across_calls_and_instances(embeddings, embedder):
     texts = ["determinism matters", "so does reproducibility"]
-    first = embedder.run_batch(texts)
-    assert embedder.run_batch(texts) == first
-    assert embeddings.Embedder().run_batch(texts) == first
+    first = embedder.run_batch(texts).tolist()
+    assert embedder.run_batch(texts).tolist() == first
+    assert embeddings.Embedder().run_batch(texts).tolist() == first
 
 
 @pytest.mark.parametrize(("anchor", "similar", "unrelated"), PARAPHRASES)
@@ -95,6 +95,7 @@ def test_embed_end_to_end_through_a_worker(embeddings, embedder, start_worker):
     )
     vectors = [r.get(timeout=120) for r in results]
     expected = embedder.run_batch(texts)
-    for text, got, want in zip(texts, vectors, expected, strict=True):
-        assert len(got) == 384
+    for text, got, want in zip(texts, vectors, expected.tolist(), strict=True):
+        # The worker stored numpy rows; clients get what tolist() gives: lists of Python floats.
+        assert type(got) is list and len(got) == 384 and all(type(x) is float for x in got)
         assert max(abs(x - y) for x, y in zip(got, want, strict=True)) < 1e-5, text

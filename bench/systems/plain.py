@@ -15,4 +15,6 @@ model = get_model(settings.model)
 
 @app.task(name="bench.plain.predict")
 def predict(x: Any) -> Any:
-    return model([x])[0]
+    result = model([x])[0]
+    # Celery's JSON encoder takes no numpy arrays (the embedding model returns them): the list a client gets.
+    return result.tolist() if hasattr(result, "tolist") else result
