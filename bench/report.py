@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.models import ACCEL_FIXED_S, ACCEL_PER_ITEM_S
 from bench.runner import BATCHING_SYSTEMS, RunConfig
 from bench.stats import ratio
 
@@ -19,14 +20,21 @@ COLORS = {"plain": "tab:gray", "batches": "tab:blue", "ours": "tab:orange"}
 #: (summary key, row label, format, higher is better)
 MEASURES = (
     ("drain_rate", "drain (tasks/s)", "{:,.0f}", True),
+    ("redis_us_per_task", "Redis CPU per task (µs)", "{:.1f}", False),
+    ("redis_cmd_us_per_task", "Redis commandstats per task (µs)", "{:.1f}", False),
     ("p50_ms", "latency p50 (ms)", "{:.1f}", False),
     ("p99_ms", "latency p99 (ms)", "{:.1f}", False),
     ("submit_rate", "apply_async (req/s)", "{:,.0f}", True),
     ("bulk_submit_rate", "submit_many (req/s)", "{:,.0f}", True),
 )
 #: Targets for a real model: ours' drain rate over the model's own in-process rate, and over plain Celery's.
-TARGET_OURS_RAW = 0.90
+TARGET_OURS_RAW = 0.92
 TARGET_OURS_PLAIN = 3.0
+#: Targets on the synthetic models: ours' no-op drain over celery-batches', ours' accel drain over the model-bound
+#: limit at the batch size, and ours' Redis CPU per task over plain Celery's (lower is better).
+TARGET_NOOP_VS_BATCHES = 25.0
+TARGET_ACCEL_OF_BOUND = 0.95
+TARGET_REDIS_VS_PLAIN = 0.35
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -123,6 +131,7 @@ def notes(results: dict[str, Any], cfg: RunConfig) -> list[str]:
                 f"ours/plain = {_fmt(vs_plain, '{:.2f}x')} (target >= {TARGET_OURS_PLAIN:g}x); raw = the model's own "
                 f"run_batch at batch {cfg.batch_size} in one process, no Celery"
             )
+    out.extend(target_notes(summary, cfg))
     for r in results.get("raw", []):
         if "error" in r:
             out.append(f"raw/{r['model']}/run{r['run']}: {r['error']}")
@@ -139,6 +148,32 @@ def notes(results: dict[str, Any], cfg: RunConfig) -> list[str]:
                 out.append(f"{tag} @ {lat.get('offered_rate')} req/s: {lost}")
         if s.get("worker_log_errors"):
             out.append(f"{tag}: {s['worker_log_errors']} ERROR/Traceback line(s) in its worker log")
+    return out
+
+
+def target_notes(summary: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The issue's targets on the synthetic models, met or missed, with the measured figure."""
+    ours = summary.get("ours", {})
+    out: list[str] = []
+
+    def judge(what: str, value: float | None, target: float, higher: bool, pattern: str) -> None:
+        if value is not None:
+            met = value >= target if higher else value <= target
+            sign = ">=" if higher else "<="
+            out.append(f"{what} = {pattern.format(value)} (target {sign} {pattern.format(target)}): "
+                       f"{'met' if met else 'MISSED'}")
+
+    noop_batches = summary.get("batches", {}).get("noop", {}).get("drain_rate")
+    judge("noop: ours/celery-batches drain", ratio(ours.get("noop", {}).get("drain_rate"), noop_batches),
+          TARGET_NOOP_VS_BATCHES, True, "{:.1f}x")
+    bound = cfg.batch_size / (ACCEL_FIXED_S + ACCEL_PER_ITEM_S * cfg.batch_size)
+    judge(f"accel: ours drain / model-bound limit ({bound:,.0f}/s at batch {cfg.batch_size})",
+          ratio(ours.get("accel", {}).get("drain_rate"), bound), TARGET_ACCEL_OF_BOUND, True, "{:.0%}")
+    for model in cfg.models:
+        for key, what in (("redis_us_per_task", "Redis CPU"), ("redis_cmd_us_per_task", "Redis commandstats")):
+            plain = summary.get("plain", {}).get(model, {}).get(key)
+            judge(f"{model}: ours/plain {what} per task", ratio(ours.get(model, {}).get(key), plain),
+                  TARGET_REDIS_VS_PLAIN, False, "{:.2f}x")
     return out
 
 

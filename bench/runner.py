@@ -14,13 +14,14 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import redis
 
-from bench import peers
+from bench import peers, redis_cost
 from bench.config import SYSTEMS, AppSettings
 from bench.models import NEEDS_TORCH
 from bench.processes import BenchError, child_env, run_json, running
@@ -37,6 +38,9 @@ STALL_TIMEOUT_S = 30.0
 BATCHING_SYSTEMS = ("batches", "ours")
 #: Models whose batched call is also timed in-process, without Celery: the ceiling ours is compared with.
 RAW_MODELS = frozenset({"embed"})
+#: Results looked up per poll round trip while waiting for a drain, and the pause between polls, in seconds.
+POLL_WINDOW = 64
+POLL_S = 0.1
 _ERROR_LINE = re.compile(rb"\b(ERROR|CRITICAL)\b|Traceback")
 
 
@@ -157,10 +161,15 @@ class Harness:
                 log=self.logs / f"{tag}.client.log",
             )
             result.update(celery=filled["celery"], has_bulk=filled["has_bulk"], submit_rate=filled["rate"])
+            redis_before = redis_cost.read(self.redis)
+            redis_after: list[redis_cost.Reading] = []
             with running(worker, env=env, log=self.logs / f"{tag}.worker.log") as proc:
                 started = time.monotonic()
-                metas = wait_for_results(self.redis, filled["ids"])
+                metas = wait_for_results(self.redis, filled["ids"], lambda: redis_after.append(
+                    redis_cost.read(self.redis)))
                 result["drain"] = {**drain_stats(metas), "wall_s": time.monotonic() - started}
+                if redis_after:
+                    result["redis"] = redis_cost.per_task(redis_before, redis_after[0], cfg.n)
                 if None in metas:
                     result["drain"]["stalled"] = self._diagnose(proc)
                     raise BenchError(f"worker stalled with {metas.count(None)} of {cfg.n} results missing")
@@ -211,27 +220,37 @@ class Harness:
         return found
 
 
-def wait_for_results(client: redis.Redis, ids: list[str]) -> list[bytes | None]:
+def wait_for_results(
+    client: redis.Redis, ids: list[str], on_done: Callable[[], None] | None = None
+) -> list[bytes | None]:
     """Poll until every id has a stored result or progress stops; return the raw metas in `ids` order.
 
     The deadline moves with progress rather than being fixed from N, so a slow but healthy drain is never
-    cut short while a wedged worker costs half a minute, not the full budget.
+    cut short while a wedged worker costs half a minute, not the full budget. `on_done` runs as soon as the last
+    result is found, before the metas are read (the Redis cost reading ends there).
     """
     pending = list(ids)
     deadline = time.monotonic() + FIRST_RESULT_TIMEOUT_S
     while pending and time.monotonic() < deadline:
-        # EXISTS on what is still pending only: the poll costs less as the drain proceeds, and a 0.25 s
-        # interval keeps it well under 1% of Redis's time. Timing comes from `date_done`, not from this
-        # loop.
-        pipe = client.pipeline(transaction=False)
-        for task_id in pending:
-            pipe.exists(META_PREFIX + task_id)
-        still = [t for t, found in zip(pending, pipe.execute(), strict=True) if not found]
-        if len(still) < len(pending):
+        # Results come roughly in queue order: look at the oldest POLL_WINDOW pending ids, and at the next ones
+        # only while a whole window is found, so that polling costs Redis about one EXISTS per task (it is part of
+        # the Redis cost measured). Timing comes from `date_done`, not from this loop.
+        before = len(pending)
+        while pending:
+            window, rest = pending[:POLL_WINDOW], pending[POLL_WINDOW:]
+            pipe = client.pipeline(transaction=False)
+            for task_id in window:
+                pipe.exists(META_PREFIX + task_id)
+            still = [t for t, found in zip(window, pipe.execute(), strict=True) if not found]
+            pending = still + rest
+            if still:
+                break
+        if len(pending) < before:
             deadline = time.monotonic() + STALL_TIMEOUT_S
-        pending = still
         if pending:
-            time.sleep(0.25)
+            time.sleep(POLL_S)
+    if not pending and on_done is not None:
+        on_done()
     metas: list[bytes | None] = []
     for i in range(0, len(ids), 1000):
         # Without decode_responses redis-py returns bytes (its stubs also allow str).
@@ -256,6 +275,8 @@ def summarize(sessions: list[dict[str, Any]], cfg: RunConfig) -> dict[str, dict[
             at_rate = [_at_load(s, cfg.rate) for s in mine]
             summary.setdefault(system, {})[model] = {
                 "drain_rate": median(s.get("drain", {}).get("rate") for s in mine),
+                "redis_us_per_task": median(s.get("redis", {}).get("cpu_us_per_task") for s in mine),
+                "redis_cmd_us_per_task": median(s.get("redis", {}).get("commands_us_per_task") for s in mine),
                 "p50_ms": median(lat.get("p50_ms") for lat in at_rate),
                 "p99_ms": median(lat.get("p99_ms") for lat in at_rate),
                 "submit_rate": median(s.get("submit_rate") for s in mine),
