@@ -10,12 +10,13 @@ round trip counts in the stage that waits for it. Medians over `--runs` drains a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery
@@ -41,19 +42,32 @@ STAGES = (
 )
 
 
-def _timed(totals: dict[str, int], stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter_ns()
+class _Clock:
+    """Wall and CPU time (of this thread) per stage, in ns."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, int] = defaultdict(int)
+        self.cpu: dict[str, int] = defaultdict(int)
+
+    def timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(stage):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
-            totals[stage] += time.perf_counter_ns() - start
+            self.wall[stage] += time.perf_counter_ns() - wall
+            self.cpu[stage] += time.thread_time_ns() - cpu
 
-    return wrapper
 
-
-def drain_once(url: str, n: int, batch_size: int) -> dict[str, float]:
-    """µs per task of each stage over one drain of `n` requests."""
+def drain_once(url: str, n: int, batch_size: int) -> dict[str, dict[str, float]]:
+    """µs per task of each stage over one drain of `n` requests: {"wall": {stage: µs}, "cpu": {stage: µs}}."""
     app = Celery("bench-stages", broker=url, backend=url, set_as_current=False)
     app.conf.broker_connection_retry_on_startup = True
 
@@ -66,41 +80,40 @@ def drain_once(url: str, n: int, batch_size: int) -> dict[str, float]:
     consumer = BatchConsumer.for_task(predict)
     store = consumer.connect()
     keeper = consumer._require_keeper()
-    totals: dict[str, int] = defaultdict(int)
+    clock = _Clock()
     # Nested stages are subtracted from their callers below.
     original_execute = runner_module.execute
-    runner_module.execute = _timed(totals, "merge_run_split", runner_module.execute)  # type: ignore[assignment]
+    runner_module.execute = clock.timed("merge_run_split", runner_module.execute)  # type: ignore[assignment]
     writer = keeper.writer
-    writer._encode = _timed(totals, "encode", writer._encode)  # type: ignore[method-assign]
-    writer.write = _timed(totals, "write", writer.write)  # type: ignore[method-assign]
-    store.finish = _timed(totals, "finish", store.finish)  # type: ignore[method-assign]
+    writer._encode = clock.timed("encode", writer._encode)  # type: ignore[method-assign]
+    writer.write = clock.timed("write", writer.write)  # type: ignore[method-assign]
+    store.finish = clock.timed("finish", store.finish)  # type: ignore[method-assign]
     done = 0
     try:
         while done < n:
             batch = Batch(store.new_claim())
-            start = time.perf_counter_ns()
-            store.claim(batch.claim, batch_size)
-            totals["claim"] += time.perf_counter_ns() - start
-            start = time.perf_counter_ns()
-            triage(batch, batch.claim.raws, consumer.rules, worker_state.revoked, store.now())
-            totals["triage"] += time.perf_counter_ns() - start
-            start = time.perf_counter_ns()
-            consumer.runner.run(batch)
-            totals["run"] += time.perf_counter_ns() - start
+            with clock.stage("claim"):
+                store.claim(batch.claim, batch_size)
+            with clock.stage("triage"):
+                triage(batch, batch.claim.raws, consumer.rules, worker_state.revoked, store.now())
+            with clock.stage("run"):
+                consumer.runner.run(batch)
             settled = consumer._done.get_nowait()
-            start = time.perf_counter_ns()
-            keeper.settle(settled)
-            totals["settle"] += time.perf_counter_ns() - start
+            with clock.stage("settle"):
+                keeper.settle(settled)
             done += len(batch.claim)
     finally:
         runner_module.execute = original_execute  # type: ignore[assignment]
         consumer.stop(timeout=0)
-    totals["outcomes"] = totals["run"] - totals["merge_run_split"]
-    totals["store"] = totals["write"] - totals["encode"]
-    totals["settle_rest"] = totals["settle"] - totals["write"] - totals["finish"]
-    stages = {stage: totals[stage] / 1000 / n for stage, _ in STAGES}
-    stages["total"] = sum(stages.values())
-    return stages
+    out: dict[str, dict[str, float]] = {}
+    for kind, totals in (("wall", clock.wall), ("cpu", clock.cpu)):
+        totals["outcomes"] = totals["run"] - totals["merge_run_split"]
+        totals["store"] = totals["write"] - totals["encode"]
+        totals["settle_rest"] = totals["settle"] - totals["write"] - totals["finish"]
+        stages = {stage: totals[stage] / 1000 / n for stage, _ in STAGES}
+        stages["total"] = sum(stages.values())
+        out[kind] = stages
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,15 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with private_redis() as url:
         runs = [drain_once(url, args.n, args.batch_size) for _ in range(args.runs)]
-    medians = {stage: statistics.median(r[stage] for r in runs) for stage in runs[0]}
+    medians = {kind: {stage: statistics.median(r[kind][stage] for r in runs) for stage in runs[0][kind]}
+               for kind in ("wall", "cpu")}
     if args.json:
         print(json.dumps(medians))
         return 0
     print(f"µs per task, median of {args.runs} drains of {args.n:,} no-op requests, batch {args.batch_size}, "
-          "one thread:")
-    for stage, what in STAGES:
-        print(f"  {stage:<16} {medians[stage]:6.1f}   {what}")
-    print(f"  {'total':<16} {medians['total']:6.1f}")
+          "one thread (wall: including the wait for Redis; cpu: this process's own work):")
+    print(f"  {'stage':<16} {'wall':>6} {'cpu':>6}")
+    for stage, what in [*STAGES, ("total", "")]:
+        print(f"  {stage:<16} {medians['wall'][stage]:6.1f} {medians['cpu'][stage]:6.1f}   {what}")
     return 0
 
 
