@@ -279,6 +279,83 @@ def test_a_write_fenced_off_stops_before_anything_that_follows_the_results(journ
     assert "dropped the 1 outcome(s) of this late run" in caplog.text
 
 
+# -- settle: the claim checked by the results script itself (results on the broker's Redis) -----------------------
+
+
+class CheckedStore(FakeStore):
+    """Notes each ownership check in the journal."""
+
+    lost_data = False
+
+    def owns(self, claim: Claim) -> bool:
+        self.journal.calls.append("owns")
+        return self.still_ours
+
+    def outlived_data(self, claim: Claim) -> bool:
+        return self.lost_data
+
+
+class FencedWriter(FakeWriter):
+    """Writes nothing under a fence once the claim is gone, as results.lua does."""
+
+    def __init__(self, journal: Journal, store: CheckedStore) -> None:
+        super().__init__(journal)
+        self.store = store
+
+    def write(self, outcomes: list[Outcome], fence: tuple[str, str] | None = None) -> bool:
+        self.accepts = fence is None or self.store.still_ours
+        return super().write(outcomes, fence)
+
+
+def fenced_keeper(journal: Journal, *, still_ours: bool = True, lost_data: bool = False) -> Keeper:
+    store = CheckedStore(journal)
+    store.still_ours, store.lost_data = still_ours, lost_data
+    keeper = make_keeper(journal, store=store, writer=FencedWriter(journal, store))
+    keeper.fence_in_write = True
+    return keeper
+
+
+def with_callback(batch: Batch) -> Batch:
+    item = batch.items[0]
+    request = TaskRequest(Request(id=item.request.id, task=TASK, args=[0], kwargs={}, headers={}, properties={},
+                                  embed={"callbacks": [{"task": "shop.notify"}]}), "w1@box", SETTINGS.queue, False)
+    batch.items[0] = Item(request, Outcome.of(request.id, 0, request))
+    return batch
+
+
+def test_without_callbacks_the_results_script_alone_checks_the_claim(journal) -> None:
+    fenced_keeper(journal).settle(batch_of(2, 3))
+
+    assert journal.calls == ORDER  # no separate ownership round trip
+    assert journal.written == [[("t0", states.SUCCESS), ("t1", states.SUCCESS)]]
+
+
+def test_a_callback_to_send_is_still_preceded_by_the_ownership_check(journal) -> None:
+    fenced_keeper(journal).settle(with_callback(batch_of(2, 3)))
+    assert journal.calls == ["owns", *ORDER]
+
+    journal.calls.clear()
+    fenced_keeper(journal, still_ours=False).settle(with_callback(batch_of(2, 3)))
+    assert journal.calls == ["owns"]  # taken over: the callback is never sent
+
+
+def test_taken_over_without_a_first_check_the_fenced_write_drops_everything(journal, caplog) -> None:
+    fenced_keeper(journal, still_ours=False).settle(batch_of(2, 3))
+
+    assert journal.calls == ORDER[: ORDER.index("write") + 1]
+    assert journal.written == [] and journal.finished == []
+    assert "dropped the 2 outcome(s) of this late run" in caplog.text
+
+
+def test_lost_with_redis_s_data_without_a_first_check_the_results_are_stored_anyway(journal, caplog) -> None:
+    fenced_keeper(journal, still_ours=False, lost_data=True).settle(batch_of(2, 3))
+
+    assert journal.written == [[("t0", states.SUCCESS), ("t1", states.SUCCESS)]]
+    assert journal.finished == []  # nothing left in Redis to finish
+    assert journal.calls.count("write") == 2 and "events" in journal.calls
+    assert "Redis lost its data while a batch of 2 ran; storing its results anyway" in caplog.text
+
+
 # -- settle: retries ---------------------------------------------------------------------------------------------
 
 

@@ -65,6 +65,12 @@ def send_retries(app: Any, task_name: str, planned: Sequence[tuple[Outcome, floa
         logger.info("batching %s[%s]: retry %d in %.1fs: %r", task_name, r.id, r.retries + 1, countdown, outcome.value)
 
 
+def sends_before_store(outcomes: Sequence[Outcome]) -> bool:
+    """True if ``send_callbacks`` has anything to send: a success with callbacks or a next chain step."""
+    return any(o.state == states.SUCCESS and o.request is not None and (o.request.callbacks or o.request.chain)
+               for o in outcomes)
+
+
 def send_callbacks(app: Any, outcomes: Sequence[Outcome]) -> None:
     """For successes: ``link`` callbacks and the next chain step, with the result as first argument."""
     for outcome in outcomes:
