@@ -154,3 +154,34 @@ def test_a_result_no_serializer_can_store_fails_alone_with_a_clear_error(redis_u
     with pytest.raises(ResultEncodeError, match="json"):
         app.AsyncResult(ids[0]).get(timeout=5)
     assert app.AsyncResult(ids[1]).get(timeout=5) == [1.0, 1.0]
+
+
+def test_each_result_gets_its_lifetime_and_its_own_key(redis_url: str, rclient: Any) -> None:
+    app = app_for(redis_url)
+    app.conf.result_expires = 600
+    writer = ResultWriter(app.backend)
+    ids = [uuid.uuid4().hex for _ in range(6)]
+    values: list[Any] = [1, ValueError("a"), 3, ValueError("b"), 5, 6]
+    outcomes = [Outcome.of(i, v, request(i)) for i, v in zip(ids, values, strict=True)]
+
+    assert writer.write(outcomes)
+    assert [rclient.ttl(f"celery-task-meta-{i}") for i in ids] == pytest.approx([600] * 6, abs=2)
+
+    app.backend.failure_expires = 60  # a backend that keeps failures for less time
+    assert writer.write(outcomes)
+    ttls = [rclient.ttl(f"celery-task-meta-{i}") for i in ids]
+    assert ttls == pytest.approx([600, 60, 600, 60, 600, 600], abs=2)
+    got = [app.AsyncResult(i).get(timeout=5, propagate=False) for i in ids]
+    assert [g if not isinstance(g, Exception) else str(g) for g in got] == [1, "a", 3, "b", 5, 6]
+
+
+def test_results_are_stored_under_the_backend_s_own_keys(redis_url: str) -> None:
+    app = app_for(redis_url)
+    app.conf.result_backend_transport_options = {"global_keyprefix": "tenant1:"}
+    writer = ResultWriter(app.backend)
+    task_id = uuid.uuid4().hex
+
+    expected = f"tenant1:celery-task-meta-{task_id}".encode()
+    assert writer._key(task_id) == app.backend.get_key_for_task(task_id) == expected
+    assert writer.write([Outcome.of(task_id, "v", request(task_id))])
+    assert app.AsyncResult(task_id).get(timeout=5) == "v"

@@ -57,6 +57,7 @@ class ResultWriter:
         # kombu's dumps() builds an encoder per call; one reused instance writes the same text.
         self._json = kombu_json.JSONEncoder()
         self._script: Any = None
+        self._key_prefix: bytes | None = None
         self._started_script: Any = None
 
     def write_started(self, requests: Sequence[TaskRequest], hostname: str, pid: int) -> None:
@@ -102,28 +103,38 @@ class ResultWriter:
             return True
         backend: Any = self.backend
         date_done = backend.app.now().isoformat()  # one clock read per batch: they finished together
-        keys: list[str] = []
-        payloads: list[Any] = []
-        ttls: list[Any] = []
-        for o in outcomes:
-            keys.append(backend.get_key_for_task(o.task_id))
-            payloads.append(self._encode(o, date_done))
-            ttl = backend.expires
-            if o.state == states.FAILURE and getattr(backend, "failure_expires", None) is not None:
-                ttl = backend.failure_expires
-            ttls.append(int(ttl or 0))
+        expires = int(backend.expires or 0)
+        failure_expires = getattr(backend, "failure_expires", None)
+        if failure_expires is not None:
+            # Two lifetimes: the script takes the tasks with the usual one first, then the failures.
+            outcomes = sorted(outcomes, key=lambda o: o.state == states.FAILURE)
+        usual = sum(1 for o in outcomes if failure_expires is None or o.state != states.FAILURE)
+        keys = [self._key(o.task_id) for o in outcomes]
+        payloads = [self._encode(o, date_done) for o in outcomes]
         if self._script is None:
             self._script = script(self.client, "results.lua")
+        args = [len(payloads), *payloads, usual, expires, int(failure_expires or 0)]
         if fence is not None:
             keys.append(fence[0])
-            ttls.append(fence[1])
-        args = [len(payloads), *payloads, *ttls]
+            args.append(fence[1])
         if not self.replicas:
             return int(self._script(keys=keys, args=args)) >= 0
         results = self._script
         (stored,) = self.replicas.run(self.client, lambda pipe: results(keys=keys, args=args, client=pipe),
                                       f"the results of a batch of {len(payloads)}")
         return int(stored) >= 0
+
+    def _key(self, task_id: str) -> Any:
+        """``backend.get_key_for_task(task_id)``, by concatenation when the backend's keys are its prefix + the id
+        (checked once): Celery's helper converts and joins three parts per call."""
+        if self._key_prefix is None:
+            backend: Any = self.backend
+            prefix = backend.task_keyprefix
+            probe = "probe-4f0c"
+            self._key_prefix = prefix if backend.get_key_for_task(probe) == prefix + probe.encode() else b""
+        if not self._key_prefix:
+            return self.backend.get_key_for_task(task_id)
+        return self._key_prefix + task_id.encode()
 
     def _client(self, socket_timeout_s: float | None) -> Any:
         """The backend's Redis client, or, given a timeout, one on the same server that notices a dead link within
