@@ -8,7 +8,6 @@ is never unpickled unless the app accepts pickle.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import bz2
 import json
@@ -136,8 +135,9 @@ def _payload(
         if not isinstance(body, str):
             raise MessageError("body is declared base64 but is not a string")
         try:
-            body = base64.b64decode(body.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError) as exc:
+            # strict_mode validates in C what b64decode(validate=True) checks with a regular expression.
+            body = binascii.a2b_base64(body, strict_mode=True)
+        except ValueError as exc:  # binascii.Error, or a non-ASCII string
             raise MessageError(f"body is not valid base64: {exc}") from exc
     content_type = envelope.get("content-type")
     if not isinstance(content_type, str):
@@ -232,7 +232,7 @@ def _args(value: Any) -> list[Any]:
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+    if not isinstance(value, dict) or not all(map(str.__instancecheck__, value)):
         raise MessageError(f"kwargs must be an object with string keys, got {type(value).__name__}")
     return value
 
@@ -245,8 +245,8 @@ def _task_id(value: Any) -> str | None:
     dead-lettered, not failed).
     """
     text = _text_or_none(value)
-    if text is None:
-        return None
+    if text is None or text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

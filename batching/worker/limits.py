@@ -45,13 +45,17 @@ class TimeLimits:
         soft: list[Any] = [settings.soft_time_limit]
         hard: list[Any] = [settings.time_limit]
         for limit in timelimits:
-            if isinstance(limit, (list, tuple)) and len(limit) == 2:
+            if isinstance(limit, (list, tuple)) and len(limit) == 2 and limit != _NO_LIMITS:
                 hard.append(limit[0])
                 soft.append(limit[1])
         return cls(_tightest(soft), _tightest(hard))
 
     def __bool__(self) -> bool:
         return self.soft is not None or self.hard is not None
+
+
+#: What a request without limits of its own carries (Celery sends ``[None, None]``): nothing to weigh.
+_NO_LIMITS = [None, None]
 
 
 def _tightest(values: list[Any]) -> float | None:

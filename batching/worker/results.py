@@ -33,6 +33,9 @@ from .request import TaskRequest
 
 logger = logging.getLogger(__name__)
 
+#: Result types that are neither arrays nor results of other tasks.
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
 
 class ResultWriter:
     """Writes outcomes to one app's result backend."""
@@ -199,11 +202,12 @@ class ResultWriter:
         request, value = o.request, o.value
         if request is not None and (request.children or request.group or request.parent_id):
             return None
-        if isinstance(value, ResultBase):  # stored as its id tuple by encode_result
+        if type(value) in _SCALARS:  # most results: no array or ResultBase to look for
+            result = self._json.encode(value)
+        elif isinstance(value, ResultBase):  # stored as its id tuple by encode_result
             return None
-        result = json_fragment(value)
-        if result is None:
-            result = self._json.encode(plain(value))
+        else:
+            result = json_fragment(value) or self._json.encode(plain(value))
         return (f'{{"status": "SUCCESS", "result": {result}, "traceback": null, "children": [], '
                 f'"date_done": "{date_done}", "task_id": {self._json.encode(o.task_id)}}}')
 
