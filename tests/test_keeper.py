@@ -29,6 +29,7 @@ from batching.store import outage
 from batching.store.keys import QueueKeys
 from batching.store.outage import Outage, Stopped
 from batching.store.queue import Claim, Finish, QueueStore
+from batching.store.replication import NO_WAIT
 from batching.worker import canvas
 from batching.worker.batch import Batch, Item, Outcome
 from batching.worker.keeper import Keeper, never_finished
@@ -78,6 +79,7 @@ class Fake:
 class FakeStore(Fake):
     max_deliveries = 3
     client = None
+    replicas = NO_WAIT  # no durable mode
     keys = QueueKeys(f"batching.{TASK}")
     owned = True  # False: the claim's lease ran out and it was re-queued while the results were being written
     still_ours = True  # False: the claim was taken over before the keeper got to this batch
