@@ -93,7 +93,8 @@ class BatchingStep(bootsteps.StartStopStep):
         self.supervisor = Supervisor(self.consumers, lambda old: BatchConsumer.for_task(by_name[old.name], **options))
         pooled = [task for task in self.tasks if task.batching.in_processes]
         if pooled:
-            self.pool = InstancePool(worker, pooled, metrics, options["events_enabled"])
+            self.pool = InstancePool(worker, pooled, metrics, options["events_enabled"],
+                                     self.settings.switch_interval_s)
         control.serve_queues(worker.app, [t.batching.queue for t in self.tasks])
 
     def _on_worker_ready(self, ready: Any, celery_consumer: Any) -> None:

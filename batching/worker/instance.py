@@ -190,6 +190,8 @@ def main(argv: list[str]) -> int:
     # Shown as %(processName)s in Celery's log format: every line says which instance wrote it.
     multiprocessing.current_process().name = f"Instance-{spec['index']}"
     link = Link(int(spec["fd"]))
+    if spec.get("switch_interval_s"):  # the worker's setting (batching_switch_interval), for the same reason
+        sys.setswitchinterval(spec["switch_interval_s"])
     try:
         task = load(spec)
         for _receiver, response in instance_init.send(sender=task, index=int(spec["index"]), pid=os.getpid()):

@@ -151,9 +151,10 @@ class InstancePool:
     """The instance processes of a worker's tasks with ``instances=N``."""
 
     def __init__(self, worker: Any, tasks: list[Any], metrics: Any = None,
-                 events_enabled: Callable[[], bool] = lambda: False) -> None:
+                 events_enabled: Callable[[], bool] = lambda: False, switch_interval_s: float | None = None) -> None:
         self.spec = dict(app=app_spec(worker.app, tasks), hostname=worker.hostname, sys_path=sys.path,
-                         loglevel=getattr(worker, "loglevel", None), logfile=getattr(worker, "logfile", None))
+                         loglevel=getattr(worker, "loglevel", None), logfile=getattr(worker, "logfile", None),
+                         switch_interval_s=switch_interval_s)
         self.metrics = metrics
         self.events_enabled = events_enabled
         self.instances = [InstanceProcess(self, task, index)
