@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import time
 import urllib.request
 from collections import Counter
 from types import ModuleType
@@ -188,6 +189,7 @@ def test_inspect_and_revoke_reach_the_items_of_instance_processes(inst, start_wo
     assert sorted(a["id"] for a in active + reserved) == sorted(r.id for r in first)
     assert len(active) in (4, 8) and {a["worker_pid"] for a in active} <= instance_pids
     running_item = next(r for r in first if r.id == active[0]["id"])
+    assert inspect(redis_url, worker, "query_task", running_item.id)[running_item.id][0] == "active"
     # terminate=True on a running item: dropped from its batch, REVOKED at once. A revoke that reaches the worker
     # before its item is sent: the instance that claims it settles it REVOKED without running it.
     inst.app.control.revoke(running_item.id, terminate=True, reply=True, destination=[worker.nodename], timeout=10)
@@ -203,3 +205,27 @@ def test_inspect_and_revoke_reach_the_items_of_instance_processes(inst, start_wo
     wait_until(lambda: inspect(redis_url, worker, "active") == [], 30, "the batches to be settled")
     assert (running_item.state, doomed.state) == (states.REVOKED, states.REVOKED)
     assert 100 not in {int(v) for v in rclient.lrange("inst:gated_ran", 0, -1)}
+
+
+def test_task_events_of_instances_are_sent_under_the_worker_name(inst, start_worker, rclient):
+    worker = start_worker(APP, "-c", "1", "-E").ready()
+    seen: list[dict] = []
+    with inst.app.connection() as conn:
+        receiver = inst.app.events.Receiver(conn, handlers={"*": seen.append})
+        capture = receiver.itercapture(limit=None, timeout=1, wakeup=False)
+        next(capture)  # listening before anything is sent
+        results = inst.work.submit_many([{"x": i} for i in range(20)])
+        assert [r.get(timeout=60) for r in results] == [2 * i for i in range(20)]
+        ids = {r.id for r in results}
+
+        def succeeded() -> set[str]:
+            return {e["uuid"] for e in seen if e["type"] == "task-succeeded" and e.get("uuid") in ids}
+
+        deadline = time.monotonic() + 30
+        while succeeded() != ids and time.monotonic() < deadline:
+            next(capture)
+        assert succeeded() == ids
+    mine = [e for e in seen if e.get("uuid") in ids]
+    assert {e["hostname"] for e in mine} == {worker.nodename}
+    received = {e["uuid"]: e for e in mine if e["type"] == "task-received"}
+    assert set(received) == ids and {e["name"] for e in received.values()} == {"inst.work"}
