@@ -56,8 +56,10 @@ class Link:
         try:
             with self._lock:
                 self.conn.send(message)
-        except (OSError, ValueError):  # the worker is gone: stop (``serve`` watches ``closed``)
+        except OSError:  # the worker is gone: stop (``serve`` watches ``closed``)
             self.closed.set()
+        except Exception as exc:  # a report that cannot be pickled (an exotic argument): nothing was written
+            logger.warning("batching: could not report %r to the worker: %s", message[0], exc)
 
 
 class ReportedMetrics(Metrics):
