@@ -152,8 +152,9 @@ def test_warm_shutdown_with_instances_loses_nothing_and_runs_nothing_twice(inst,
     ran = runs(rclient)
     assert 24 <= sum(ran.values()) < 300 and max(ran.values()) == 1
     out = worker.output()
-    # Every instance process of the app (inst.work's two, inst.gated's two, inst.recycled's one) stopped warm.
-    assert out.count("stopping: the worker is stopping") == 5
+    # Every instance process of the app (inst.work's two, inst.gated's two, inst.recycled's and inst.leaky's one)
+    # stopped warm.
+    assert out.count("stopping: the worker is stopping") == 6
     assert "still busy at shutdown" not in out
     # Whatever had not run is still queued: a new worker runs it, and still nothing runs twice.
     start_worker(APP, "-c", "1").ready()
@@ -171,7 +172,14 @@ def test_a_recycled_instance_finishes_its_batch_and_a_new_one_takes_over(inst, s
     out = worker.output()
     recycled = r"ended \(recycled after 1[0-3] request\(s\) \(max_tasks_per_instance=10\)\); starting a new one"
     assert re.search(recycled, out)
-    assert "died" not in out
+    # Above max_memory_per_instance (KiB of peak resident memory) after each batch: replaced after at most the
+    # batch it settles and the one it runs meanwhile (the one claimed ahead goes back), so 4 batches need 2.
+    leaky = inst.leaky.submit_many([{"x": 2000 + i} for i in range(16)])
+    assert [r.get(timeout=120) for r in leaky] == [2 * (2000 + i) for i in range(16)]
+    assert len(builds(rclient, "LeakyModel")) >= 2
+    assert runs(rclient) == Counter([*range(1000, 1050), *range(2000, 2016)])
+    assert re.search(r"ended \(recycled at \d+ KiB resident \(max_memory_per_instance=1\)\)", worker.output())
+    assert "died" not in worker.output()
 
 
 def test_inspect_and_revoke_reach_the_items_of_instance_processes(inst, start_worker, redis_url, rclient):

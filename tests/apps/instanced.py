@@ -58,6 +58,14 @@ recycled = batched(app, model=RecycledModel, name="inst.recycled", batch_size=4,
                    max_tasks_per_instance=10, lease_s=2)
 
 
+class LeakyModel(SlowModel):
+    pass
+
+
+#: Over any process's peak resident memory: replaced after every batch.
+leaky = batched(app, model=LeakyModel, name="inst.leaky", batch_size=4, max_delay=0.01, max_memory_per_instance=1,
+                lease_s=2)
+
 #: Set by the test to let ``gated`` return.
 GATE = "inst:gate"
 
