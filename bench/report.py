@@ -79,6 +79,8 @@ def print_soak(result: dict[str, Any], console: Console) -> None:
     s, c = result["summary"], result["checks"]
     mib = lambda kib: f"{kib / 1024:,.1f} MiB"  # noqa: E731
     title = f"soak: {result['n']:,} tasks, one ours worker (solo, noop, batch 64), pid {result['worker_pid']}"
+    if result.get("instances", 1) > 1:  # RSS rows: the worker's main process and its instances together
+        title += f", instances={result['instances']} (RSS: main process + instances)"
     table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
