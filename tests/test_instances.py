@@ -103,6 +103,10 @@ def test_models_are_built_in_the_instances_only_and_metrics_add_up_on_the_worker
     assert not instance_pids & (pool_pids | {worker.proc.pid})
     ran_by = {int(k): int(v) for k, v in rclient.hgetall("inst:ran_by").items()}
     assert set(ran_by) <= instance_pids and sum(ran_by.values()) == 120
+    # Task signals: receivers connected at the app's import fire in the instance that ran the item.
+    wait_until(lambda: sum(int(v) for v in rclient.hvals("inst:postrun")) == 120, 30, "every task_postrun")
+    postrun = {k.decode(): int(v) for k, v in rclient.hgetall("inst:postrun").items()}
+    assert postrun == {f"{pid}:SUCCESS": n for pid, n in ran_by.items()}
     out = worker.output()
     for index, pid in started:
         assert f"instance {index} of 2 serving in process {pid}" in out

@@ -11,6 +11,7 @@ import time
 
 import redis
 from celery import Celery
+from celery.signals import task_postrun
 
 from batching import batched
 from batching.signals import instance_init
@@ -25,6 +26,13 @@ R = redis.Redis.from_url(URL)
 def _note_instance(sender, index, pid, **kwargs):
     """Where a GPU would be pinned: here, recorded so the test sees each index reach its own process."""
     R.rpush("inst:init", f"{sender.name}:{index}:{pid}:{os.environ.get('BATCHING_INSTANCE')}")
+
+
+@task_postrun.connect
+def _note_postrun(sender=None, task_id=None, state=None, **kwargs):
+    """Connected at import: in every process that imports the app, instance processes included."""
+    if sender is not None and sender.name == "inst.work":
+        R.hincrby("inst:postrun", f"{os.getpid()}:{state}", 1)
 
 
 class SlowModel:
