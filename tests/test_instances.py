@@ -107,6 +107,9 @@ def test_models_are_built_in_the_instances_only_and_metrics_add_up_on_the_worker
     wait_until(lambda: sum(int(v) for v in rclient.hvals("inst:postrun")) == 120, 30, "every task_postrun")
     postrun = {k.decode(): int(v) for k, v in rclient.hgetall("inst:postrun").items()}
     assert postrun == {f"{pid}:SUCCESS": n for pid, n in ran_by.items()}
+    # Celery's worker_process_init (where OpenTelemetry and Sentry are set up) is sent in each instance, as in a
+    # pool process.
+    assert instance_pids <= {int(p) for p in entries(rclient, "inst:process_init")}
     out = worker.output()
     for index, pid in started:
         assert f"instance {index} of 2 serving in process {pid}" in out

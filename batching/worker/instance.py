@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from billiard.compat import mem_rss
+from celery.signals import worker_process_init
 
 from ..signals import instance_init
 from . import control, remote
@@ -196,6 +197,9 @@ def main(argv: list[str]) -> int:
         sys.setswitchinterval(spec["switch_interval_s"])
     try:
         task = load(spec)
+        # A process that runs tasks, as a pool process is: receivers that set up per-process clients (OpenTelemetry,
+        # Sentry, database pools) do it here too.
+        worker_process_init.send(sender=None)
         for _receiver, response in instance_init.send(sender=task, index=int(spec["index"]), pid=os.getpid()):
             if isinstance(response, Exception):
                 raise response

@@ -11,7 +11,7 @@ import time
 
 import redis
 from celery import Celery
-from celery.signals import task_postrun
+from celery.signals import task_postrun, worker_process_init
 
 from batching import batched
 from batching.signals import instance_init
@@ -28,11 +28,20 @@ def _note_instance(sender, index, pid, **kwargs):
     R.rpush("inst:init", f"{sender.name}:{index}:{pid}:{os.environ.get('BATCHING_INSTANCE')}")
 
 
-@task_postrun.connect
 def _note_postrun(sender=None, task_id=None, state=None, **kwargs):
-    """Connected at import: in every process that imports the app, instance processes included."""
     if sender is not None and sender.name == "inst.work":
         R.hincrby("inst:postrun", f"{os.getpid()}:{state}", 1)
+
+
+@worker_process_init.connect
+def _note_process_init(**kwargs):
+    R.rpush("inst:process_init", os.getpid())
+
+
+if os.environ.get("BATCHING_INSTANCE") is not None:
+    # Connected at import, as an app connects its receivers; in instance processes only, so that the test process
+    # importing this app to send tasks has no receivers of its own (test_signals checks that).
+    task_postrun.connect(_note_postrun)
 
 
 class SlowModel:
