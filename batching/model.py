@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class ModelHandle:
@@ -38,5 +41,6 @@ class ModelHandle:
             if not self.built:
                 assert self._factory is not None
                 self._model, self._pid = self._factory(), os.getpid()
+                logger.info("batching: built the model %s in process %d", type(self._model).__name__, self._pid)
             run: Callable[..., Any] = self._model.run_batch
             return run

@@ -30,6 +30,8 @@ DEFAULT_MAX_DELIVERIES = 3
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default seconds a durable write (``wait_replicas``) waits for its replicas' acknowledgement.
 DEFAULT_WAIT_TIMEOUT_S = 1.0
+#: Default model instances per worker: one, served inside the worker's main process.
+DEFAULT_INSTANCES = 1
 
 #: Celery task options a batched task takes as they are (``app.task``'s arguments and ``Task`` attributes that
 #: mean something for a task whose calls run in batches). Anything else is refused by name: a misspelt option
@@ -43,7 +45,8 @@ CELERY_TASK_OPTIONS = frozenset({
 })
 #: ``@batched``'s own options.
 BATCHING_OPTIONS = ("name", "batch_size", "max_delay", "queue", "lease_s", "max_deliveries", "max_message_bytes",
-                    "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout")
+                    "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout", "instances",
+                    "max_tasks_per_instance", "max_memory_per_instance")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,13 @@ class BatchSettings:
     #: acknowledged it, at most ``wait_timeout`` seconds, else ``NotReplicated``. 0: asynchronous replication.
     wait_replicas: int = 0
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S
+    #: Model instances per worker. More than one: each in its own process beside the worker, supervised by it.
+    instances: int = DEFAULT_INSTANCES
+    #: Requests an instance process serves before it is replaced by a fresh one (Celery's ``max_tasks_per_child``).
+    max_tasks_per_instance: int | None = None
+    #: Resident memory, in KiB, above which an instance process is replaced after its batch (Celery's
+    #: ``max_memory_per_child``, same unit).
+    max_memory_per_instance: int | None = None
     # The Celery options the consumer acts on, as the worker resolves them from the task (app defaults included).
     ignore_result: bool = False
     time_limit: float | None = None
@@ -126,6 +136,19 @@ class BatchSettings:
                f"wait_timeout must be a number of seconds >= 0.001, got {self.wait_timeout!r}")
         _check(isinstance(self.queue, str) and bool(self.queue), f"queue must be a non-empty string, got "
                f"{self.queue!r}")
+        _check(_is_int(self.instances) and self.instances >= 1,
+               f"instances must be an integer >= 1, got {self.instances!r}")
+        for option in ("max_tasks_per_instance", "max_memory_per_instance"):
+            value = getattr(self, option)
+            _check(value is None or (_is_int(value) and value >= 1),
+                   f"{option} must be an integer >= 1 or None, got {value!r}")
+
+    @property
+    def in_processes(self) -> bool:
+        """Served by instance processes beside the worker rather than inside its main process: more than one
+        instance, or one that is recycled (only a process of its own can be replaced)."""
+        return self.instances > 1 or self.max_tasks_per_instance is not None \
+            or self.max_memory_per_instance is not None
 
 
 def check_task_options(options: Iterable[str]) -> None:

@@ -28,6 +28,7 @@ from .policy import FlushPolicy
 from .publish import send_pushed, tag
 from .settings import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_INSTANCES,
     DEFAULT_LEASE_S,
     DEFAULT_MAX_DELAY_S,
     DEFAULT_MAX_DELIVERIES,
@@ -164,6 +165,9 @@ def batched(
     max_queue_size: int | None = None,
     wait_replicas: int = 0,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S,
+    instances: int = DEFAULT_INSTANCES,
+    max_tasks_per_instance: int | None = None,
+    max_memory_per_instance: int | None = None,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -185,6 +189,10 @@ def batched(
     ``QueueFull`` in the client, atomically across every client (None: unbounded). ``wait_replicas``: durable
     mode — every send, claim, result write and finish waits up to ``wait_timeout`` seconds for that many Redis
     replicas to acknowledge it (``NotReplicated`` otherwise), so a failover loses no acknowledged request.
+    ``instances``: model instances per worker; more than one run each in its own process beside the worker,
+    supervised and restarted by it. ``max_tasks_per_instance`` / ``max_memory_per_instance`` (KiB): replace an
+    instance process after that many requests, or once its resident memory exceeds that (as Celery's
+    ``max_tasks_per_child`` / ``max_memory_per_child``); either one also puts a single instance in a process.
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -194,6 +202,8 @@ def batched(
         name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
         max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
         max_queue_size=max_queue_size, wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+        instances=instances, max_tasks_per_instance=max_tasks_per_instance,
+        max_memory_per_instance=max_memory_per_instance,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -214,7 +224,8 @@ def batched(
         policy=FlushPolicy(batch_size, max_delay),
         lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
         isolate_errors=isolate_errors, max_queue_size=max_queue_size, wait_replicas=wait_replicas,
-        wait_timeout=wait_timeout,
+        wait_timeout=wait_timeout, instances=instances,
+        max_tasks_per_instance=max_tasks_per_instance, max_memory_per_instance=max_memory_per_instance,
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)

@@ -30,6 +30,13 @@ def _csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _ints(text: str) -> list[int]:
+    values = sorted({int(t) for t in text.split(",") if t.strip()})
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"instance counts are integers >= 1 (got {text!r})")
+    return values
+
+
 def _numbers(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
@@ -42,8 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--models",
         type=_csv(tuple(MODELS)),
-        default=["noop", "accel"],
-        help="default noop,accel; embed = a real model (all-MiniLM-L6-v2, one CPU thread): try --n 1500 --runs 1",
+        default=["noop", "accel", "cpu"],
+        help="default noop,accel,cpu (cpu: the example app's numpy model, CPU-bound); embed = a real model "
+        "(all-MiniLM-L6-v2, one CPU thread): try --n 1500 --runs 1",
+    )
+    parser.add_argument(
+        "--instances",
+        type=_ints,
+        default=[1, 2],
+        help="ours' instances=N values, one column each (default 1,2: the model in the worker's process, and two "
+        "model instances in processes of their own)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="ours' batch_size = celery-batches' flush_every")
     parser.add_argument(
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         out=out,
         python=args.python,
         skipped=skipped,
+        instances=list(args.instances),
     )
     started = time.monotonic()
 

@@ -22,6 +22,8 @@ _RESULT_EXTENDED = "BENCH_RESULT_EXTENDED"
 _RECORD = "BENCH_RECORD"
 #: Set to 1 (in the environment of `python -m bench`) to run ours' worker instrumented with OpenTelemetry.
 _OTEL = "BENCH_OTEL"
+#: Ours' `instances`: model instance processes per worker.
+_INSTANCES = "BENCH_INSTANCES"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +41,8 @@ class AppSettings:
     record: bool = False
     #: Instrument ours' worker with opentelemetry-instrumentation-celery (spans made, then dropped unexported).
     otel: bool = False
+    #: Ours' `instances=N`: model instances per worker, each in its own process (1: in the worker's process).
+    instances: int = 1
 
     @classmethod
     def from_env(cls) -> AppSettings:
@@ -54,6 +58,7 @@ class AppSettings:
             result_extended=os.environ.get(_RESULT_EXTENDED) == "1",
             record=os.environ.get(_RECORD) == "1",
             otel=os.environ.get(_OTEL) == "1",
+            instances=int(os.environ.get(_INSTANCES) or 1),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -66,4 +71,5 @@ class AppSettings:
             _RESULT_EXTENDED: "1" if self.result_extended else "0",
             _RECORD: "1" if self.record else "0",
             _OTEL: os.environ.get(_OTEL, "0"),
+            _INSTANCES: str(self.instances),
         }

@@ -27,8 +27,9 @@ ACCEL_PER_ITEM_S = 0.00005
 #: Threads torch may use for `embed`: one, so that raw, plain and ours compare like for like and the numbers stay
 #: stable on a 2-core machine (the other core is the framework's and Redis's).
 EMBED_THREADS = 1
-#: Models that need packages the peers' virtualenv lacks (celery-batches pins celery<5.7 and has no torch).
-NEEDS_TORCH = frozenset({"embed"})
+#: Models that need packages the peers' virtualenv lacks (celery-batches pins celery<5.7 and has neither torch
+#: nor numpy), with the package each needs.
+PEERS_LACK = {"embed": "torch", "cpu": "numpy"}
 #: Redis keys written by `recording`: the set of inputs run, the number of inputs run, and inputs run per pid.
 RECORD_SEEN = "bench:record:seen"
 RECORD_RUNS = "bench:record:runs"
@@ -82,7 +83,25 @@ def embed(xs: Sequence[Any]) -> Any:
     return _embedder().run_batch([sentence(int(x)) for x in xs])
 
 
-MODELS: dict[str, Model] = {"noop": noop, "accel": accel, "embed": embed}
+@functools.cache
+def _sentiment() -> Any:
+    """The example app's `tasks.model.SentimentModel`, built once per process on first use."""
+    from celery import _state
+
+    current = _state.get_current_app()  # importing `tasks` makes the example app current: give the role back
+    from tasks.model import SentimentModel
+
+    current.set_current()
+    return SentimentModel()
+
+
+def cpu(xs: Sequence[Any]) -> list[Any]:
+    """The example app's text-scoring model (numpy, one BLAS thread): CPU-bound, as a model served on CPUs is."""
+    scores: list[Any] = _sentiment().run_batch([sentence(int(x)) for x in xs], [1.0] * len(xs))
+    return scores
+
+
+MODELS: dict[str, Model] = {"noop": noop, "accel": accel, "embed": embed, "cpu": cpu}
 
 
 def get_model(name: str) -> Model:

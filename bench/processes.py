@@ -169,6 +169,11 @@ def _exe(pid: int) -> str:
         return ""
 
 
+def instance_pids(worker: int) -> list[int]:
+    """The model instance processes (``instances=N``) the worker ``worker`` runs beside it."""
+    return [c for c in _children(worker) if "batching.worker.instance" in _cmdline(c)]
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """`VmRSS` (resident now) and `VmHWM` (peak resident) of `pid`, in KiB, from /proc/<pid>/status."""
     out: dict[str, int] = {}

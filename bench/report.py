@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.models import ACCEL_FIXED_S, ACCEL_PER_ITEM_S
-from bench.runner import BATCHING_SYSTEMS, RunConfig
+from bench.runner import BATCHING_SYSTEMS, RunConfig, columns
 from bench.stats import ratio
 
 LABELS = {"plain": "plain Celery", "batches": "celery-batches", "ours": "ours", "raw": "model alone, in-process"}
@@ -51,22 +51,24 @@ def print_table(results: dict[str, Any], cfg: RunConfig, console: Console) -> No
     )
     # The model timed alone (no Celery) is a column of its own: it only has a drain rate (items/s at the batch size).
     summary = {**summary, "raw": results.get("raw_summary", {})}
-    columns = [*cfg.systems, *(["raw"] if any(v.get("drain_rate") for v in summary["raw"].values()) else [])]
+    shown = [*columns(cfg), *(["raw"] if any(v.get("drain_rate") for v in summary["raw"].values()) else [])]
     table = Table()
     table.add_column("model")
     table.add_column("measure")
-    for system in columns:
-        table.add_column(LABELS[system], justify="right")
-    pairs = [(a, b) for a, b in (("ours", "batches"), ("ours", "plain"), ("ours", "raw")) if {a, b} <= {*columns}]
+    for system in shown:
+        table.add_column(heading(system), justify="right")
+    candidates = [("ours", "batches"), ("ours", "plain"), ("ours", "raw"),
+                  *((column, "ours") for column in shown if column.startswith("ours-i"))]
+    pairs = [(a, b) for a, b in candidates if {a, b} <= {*shown}]
     for a, b in pairs:
         table.add_column(f"{a}/{b}", justify="right")
     for model in cfg.models:
         for key, label, pattern, _ in MEASURES:
-            values = {s: summary.get(s, {}).get(model, {}).get(key) for s in columns}
+            values = {s: summary.get(s, {}).get(model, {}).get(key) for s in shown}
             if all(v is None for v in values.values()):
                 continue
             ratios = [_fmt(ratio(values[a], values[b]), "{:.2f}x") for a, b in pairs]
-            table.add_row(model, label, *(_fmt(values[s], pattern) for s in columns), *ratios)
+            table.add_row(model, label, *(_fmt(values[s], pattern) for s in shown), *ratios)
         table.add_section()
     console.print(table)
     console.print("ratios: higher is better for drain and submit rates, lower is better for latency")
@@ -74,10 +76,19 @@ def print_table(results: dict[str, Any], cfg: RunConfig, console: Console) -> No
         console.print(f"[yellow]note:[/] {line}", highlight=False)
 
 
+def heading(column: str) -> str:
+    """A column's heading: ``ours-i2`` reads "ours, 2 instances"."""
+    if column.startswith("ours-i"):
+        return f"ours, {column.removeprefix('ours-i')} instances"
+    return LABELS[column]
+
+
 def print_soak(result: dict[str, Any], console: Console) -> None:
     s, c = result["summary"], result["checks"]
     mib = lambda kib: f"{kib / 1024:,.1f} MiB"  # noqa: E731
     title = f"soak: {result['n']:,} tasks, one ours worker (solo, noop, batch 64), pid {result['worker_pid']}"
+    if result.get("instances", 1) > 1:  # RSS rows: the worker's main process and its instances together
+        title += f", instances={result['instances']} (RSS: main process + instances)"
     table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -136,7 +147,7 @@ def notes(results: dict[str, Any], cfg: RunConfig) -> list[str]:
         if "error" in r:
             out.append(f"raw/{r['model']}/run{r['run']}: {r['error']}")
     for s in results["sessions"] + results["sweep"]:
-        tag = f"{s['system']}/{s['model']}/b{s['batch_size']}/run{s['run']}"
+        tag = f"{s.get('column', s['system'])}/{s['model']}/b{s['batch_size']}/run{s['run']}"
         if "error" in s:
             out.append(f"{tag}: {s['error']}")
         states = s.get("drain", {}).get("states", {})

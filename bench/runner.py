@@ -21,9 +21,10 @@ from typing import Any, cast
 
 import redis
 
+from batching.store.keys import QueueKeys
 from bench import peers, redis_cost
-from bench.config import SYSTEMS, AppSettings
-from bench.models import NEEDS_TORCH
+from bench.config import AppSettings
+from bench.models import PEERS_LACK
 from bench.processes import BenchError, child_env, run_json, running
 from bench.stats import drain_stats, median
 
@@ -42,6 +43,18 @@ RAW_MODELS = frozenset({"embed"})
 POLL_WINDOW = 64
 POLL_S = 0.1
 _ERROR_LINE = re.compile(rb"\b(ERROR|CRITICAL)\b|Traceback")
+#: Ours' queue (``bench.systems.ours``), and where its pre-filled messages wait while its instances start.
+OURS_QUEUE = "batching.bench.ours.predict"
+PARKED = "bench:parked"
+#: Moves the list KEYS[1] onto the empty list KEYS[2] in order, in chunks (Lua's unpack has a stack limit).
+_RELEASE = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = 1, #items, 4000 do
+  redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 3999, #items)))
+end
+redis.call('DEL', KEYS[1])
+return #items
+"""
 
 
 @dataclass(kw_only=True)
@@ -67,6 +80,8 @@ class RunConfig:
     #: Interpreter for plain Celery and ours (celery 5.7 and this project's dependencies).
     python: str
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Ours' `instances` values to measure (each a column of its own); 1 is ours' headline column.
+    instances: list[int] = field(default_factory=lambda: [1])
 
 
 class Harness:
@@ -89,6 +104,9 @@ class Harness:
                         continue
                     loads = cfg.loads if run == 0 and model == cfg.sweep_model else [cfg.rate]
                     sessions.append(self.session(system, model, cfg.batch_size, run, loads=loads, bulk=True))
+                    for instances in (k for k in cfg.instances if k > 1 and system == "ours"):
+                        sessions.append(self.session(system, model, cfg.batch_size, run, loads=[cfg.rate],
+                                                     bulk=False, instances=instances))
         sweep: list[dict[str, Any]] = []
         for size in cfg.sweep_sizes:
             for system in (s for s in cfg.systems if s in BATCHING_SYSTEMS):
@@ -109,9 +127,10 @@ class Harness:
         }
 
     def _skip(self, system: str, model: str) -> bool:
-        """celery-batches cannot run a torch model: its venv (celery<5.7) has no torch. Noted, not failed."""
-        if system == "batches" and model in NEEDS_TORCH:
-            self.cfg.skipped[f"batches/{model}"] = "the peers' venv (celery-batches, celery<5.7) has no torch"
+        """celery-batches cannot run a model whose package its venv (celery<5.7) lacks. Noted, not failed."""
+        if system == "batches" and model in PEERS_LACK:
+            self.cfg.skipped[f"batches/{model}"] = f"the peers' venv (celery-batches, celery<5.7) has no " \
+                                                   f"{PEERS_LACK[model]}"
             return True
         return False
 
@@ -129,13 +148,17 @@ class Harness:
         return {**found, "run": run}
 
     def session(
-        self, system: str, model: str, batch_size: int, run: int, *, loads: list[float], bulk: bool
+        self, system: str, model: str, batch_size: int, run: int, *, loads: list[float], bulk: bool,
+        instances: int = 1,
     ) -> dict[str, Any]:
         cfg = self.cfg
-        tag = f"{system}-{model}-b{batch_size}-r{run}"
-        result: dict[str, Any] = {"system": system, "model": model, "batch_size": batch_size, "run": run}
+        column = column_of(system, instances)
+        tag = f"{column}-{model}-b{batch_size}-r{run}"
+        result: dict[str, Any] = {"system": system, "model": model, "batch_size": batch_size, "run": run,
+                                  "instances": instances, "column": column}
         delay = cfg.ours_max_delay_s if system == "ours" else cfg.max_delay_s
-        settings = AppSettings(redis_url=self.url, model=model, batch_size=batch_size, max_delay_s=delay)
+        settings = AppSettings(redis_url=self.url, model=model, batch_size=batch_size, max_delay_s=delay,
+                               instances=instances)
         env = child_env(settings.to_env())
         python = str(peers.interpreter(system, self.logs / "peers-venv.log", cfg.python))
         client = [python, "-m", "bench.client"]
@@ -161,9 +184,15 @@ class Harness:
                 log=self.logs / f"{tag}.client.log",
             )
             result.update(celery=filled["celery"], has_bulk=filled["has_bulk"], submit_rate=filled["rate"])
+            if instances > 1:
+                # Held back until every instance serves: one starting while another drains would otherwise measure
+                # the start (its imports take a core for a second or two), not the serving.
+                self.redis.rename(OURS_QUEUE, PARKED)
             redis_before = redis_cost.read(self.redis)
             redis_after: list[redis_cost.Reading] = []
             with running(worker, env=env, log=self.logs / f"{tag}.worker.log") as proc:
+                if instances > 1:
+                    self._release_when_served(instances)
                 started = time.monotonic()
                 metas = wait_for_results(self.redis, filled["ids"], lambda: redis_after.append(
                     redis_cost.read(self.redis)))
@@ -189,6 +218,16 @@ class Harness:
             print(f"    error: {exc}", flush=True)
         result["worker_log_errors"] = count_error_lines(self.logs / f"{tag}.worker.log")
         return result
+
+    def _release_when_served(self, instances: int) -> None:
+        """Wait until ``instances`` consumers of ours' queue have sent a heartbeat, then put the parked messages
+        back in one script call, in their order: the blocked consumers all wake to a full queue."""
+        deadline = time.monotonic() + FIRST_RESULT_TIMEOUT_S
+        while self.redis.zcard(QueueKeys(OURS_QUEUE).consumers) < instances:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{instances} instances of ours did not all start within {FIRST_RESULT_TIMEOUT_S}s")
+            time.sleep(0.05)
+        self.redis.eval(_RELEASE, 2, PARKED, OURS_QUEUE)
 
     def _latency(self, client: list[str], system: str, env: dict[str, str], load: float, tag: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -264,12 +303,23 @@ def count_error_lines(log: Path) -> int:
     return sum(1 for line in log.read_bytes().splitlines() if _ERROR_LINE.search(line))
 
 
+def column_of(system: str, instances: int) -> str:
+    """The table column of a session: its system, or ``ours-i<N>`` for ours with ``instances=N`` > 1."""
+    return system if instances == 1 else f"{system}-i{instances}"
+
+
+def columns(cfg: RunConfig) -> list[str]:
+    """The systems, then ours at each instance count above one."""
+    extra = [column_of("ours", k) for k in cfg.instances if k > 1] if "ours" in cfg.systems else []
+    return [*cfg.systems, *extra]
+
+
 def summarize(sessions: list[dict[str, Any]], cfg: RunConfig) -> dict[str, dict[str, dict[str, Any]]]:
-    """Median over runs of each headline measure, per system and model."""
+    """Median over runs of each headline measure, per column (system, or ours at an instance count) and model."""
     summary: dict[str, dict[str, dict[str, Any]]] = {}
-    for system in SYSTEMS:
+    for system in columns(cfg):
         for model in cfg.models:
-            mine = [s for s in sessions if s["system"] == system and s["model"] == model]
+            mine = [s for s in sessions if s.get("column", s["system"]) == system and s["model"] == model]
             if not mine:
                 continue
             at_rate = [_at_load(s, cfg.rate) for s in mine]

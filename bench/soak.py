@@ -7,7 +7,9 @@ with MGET + DEL as soon as the consumers' counter says it is stored, so a millio
 (they also expire after `RESULT_EXPIRES_S`). Feeders hand the task ids over through a Redis list. There are two
 of them, in processes of their own, because one `submit_many` loop (about 10k/s alone, 6k/s beside a busy
 worker on 2 cores) is slower than the worker (12k/s alone) and would leave the queue empty most of the time.
-The worker's RSS is read from /proc every `--sample-every` completed tasks.
+The worker's RSS is read from /proc every `--sample-every` completed tasks; with `--instances N` (ours'
+`instances=N`), the worker's RSS is that of its main process and its N instance processes together, and each
+process's own is recorded too.
 
 Checks at the end: N distinct results, all SUCCESS; the consumers' `requests` counter == N (a request run twice
 would count twice); no result key reappeared after it was taken (a re-run writes it again); nothing left queued,
@@ -28,7 +30,16 @@ import redis
 
 from bench import inproc, report, session
 from bench.config import AppSettings
-from bench.processes import BenchError, celery_worker_pid, child_env, memory_kib, running, spawn, stop
+from bench.processes import (
+    BenchError,
+    celery_worker_pid,
+    child_env,
+    instance_pids,
+    memory_kib,
+    running,
+    spawn,
+    stop,
+)
 from bench.runner import count_error_lines
 from bench.stats import slope
 
@@ -51,10 +62,12 @@ IDLE_S = 0.02
 
 
 class Soak:
-    def __init__(self, *, n: int, feeders: int, sample_every: int, url: str, python: str, logs: Path) -> None:
+    def __init__(self, *, n: int, feeders: int, sample_every: int, url: str, python: str, logs: Path,
+                 instances: int = 1) -> None:
         self.n, self.feeders, self.sample_every, self.python, self.logs = n, feeders, sample_every, python, logs
         self.settings = AppSettings(
-            redis_url=url, model="noop", batch_size=64, max_delay_s=0.0, result_expires_s=RESULT_EXPIRES_S
+            redis_url=url, model="noop", batch_size=64, max_delay_s=0.0, result_expires_s=RESULT_EXPIRES_S,
+            instances=instances,
         )
         self.redis = redis.Redis.from_url(url)
         self.done = self.failed = 0
@@ -101,6 +114,7 @@ class Soak:
         assert first is not None
         return {
             "n": self.n,
+            "instances": self.settings.instances,
             "worker_pid": pid,
             "elapsed_s": ended - started,
             "rate": (self.done - first[1]) / (ended - first[0]) if ended > first[0] else None,
@@ -148,10 +162,12 @@ class Soak:
 
     def _sample(self, pid: int, t_s: float) -> None:
         info = self.redis.info("memory")
+        by_pid = {p: memory_kib(p)["VmRSS"] for p in [pid, *instance_pids(pid)]}
         sample = {
             "done": self.done,
             "t_s": round(t_s, 2),
-            "rss_kib": memory_kib(pid)["VmRSS"],
+            "rss_kib": sum(by_pid.values()),
+            "rss_by_pid": by_pid,
             "redis_used_kib": int(info["used_memory"]) // 1024,
             "queued": self.redis.llen(inproc.QUEUE),
             # Batches claimed and not finished yet: run, or waiting for their results to be written.
@@ -226,13 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-every", type=int, default=25_000, help="tasks between RSS samples (default 25k)")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the worker (default: this one)")
     parser.add_argument("--feeders", type=int, default=2, help="feeder processes (default 2)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="ours' instances=N: model instance processes beside the worker (default 1: none)")
     parser.add_argument("--feeder", type=int, help=argparse.SUPPRESS)  # index: run as that feeder subprocess
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output dir")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.sample_every = 50_000, 2_500
-    if args.n < 1 or args.sample_every < 1 or args.feeders < 1:
-        parser.error("need --n, --sample-every and --feeders >= 1")
+    if args.n < 1 or args.sample_every < 1 or args.feeders < 1 or args.instances < 1:
+        parser.error("need --n, --sample-every, --feeders and --instances >= 1")
     if args.feeder is not None:
         feed(args.n, args.feeders, args.feeder)
         return 0
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(url: str) -> dict[str, Any]:
         soak = Soak(n=args.n, feeders=args.feeders, sample_every=args.sample_every, url=url, python=args.python,
-                    logs=out / "logs")
+                    logs=out / "logs", instances=args.instances)
         return soak.run()
 
     measured, code = session.on_private_redis("soak", out, console, measure)

@@ -26,7 +26,7 @@ PACKAGE = ROOT / "batching"
 
 #: What each layer may import of the library (besides itself). Shared pure code is the root's plain modules.
 SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.settings", "batching.model",
-          "batching.codec"}
+          "batching.codec", "batching.signals"}
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,
@@ -200,6 +200,10 @@ def test_celery_task_options_pass_through() -> None:
     ("isolate_errors", "yes", "isolate_errors must be True or False"),
     ("batch_size", 0, "batch_size must be an integer >= 1"),
     ("max_delay", -1, "max_delay must be a number of seconds"),
+    ("instances", 0, "instances must be an integer >= 1"),
+    ("instances", 2.0, "instances must be an integer >= 1"),
+    ("max_tasks_per_instance", 0, "max_tasks_per_instance must be an integer >= 1 or None"),
+    ("max_memory_per_instance", "1G", "max_memory_per_instance must be an integer >= 1 or None"),
 ])
 def test_bad_values_fail_at_definition(option: str, value: Any, complaint: str) -> None:
     app = Celery("layout", set_as_current=False)

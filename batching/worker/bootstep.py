@@ -15,10 +15,12 @@ from typing import Any
 from celery import bootsteps
 
 from ..store.durability import persistence_warning
+from ..store.queue import QueueStore
 from ..task import batched_tasks
 from . import control
 from .consumer import BatchConsumer
 from .events import task_events_enabled
+from .instances import InstancePool
 from .supervisor import Supervisor
 from .tunables import STOP_TIMEOUT_S, WorkerSettings
 
@@ -43,6 +45,9 @@ class BatchingStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.consumers: list[BatchConsumer] = []
         self.supervisor: Supervisor | None = None
+        #: The instance processes of the tasks served outside this process (``instances=N``, recycling).
+        self.pool: InstancePool | None = None
+        self._stores: list[tuple[str, QueueStore, Any]] = []
         self.tasks = batched_tasks(worker.app)
         if self.tasks:  # read by the Consumer step when it is created, after every step's __init__
             worker.ready_callback = functools.partial(self._on_worker_ready, worker.ready_callback)
@@ -69,17 +74,28 @@ class BatchingStep(bootsteps.StartStopStep):
                        metrics=metrics)
         by_name = {task.name: task for task in self.tasks}
         for task in self.tasks:
+            if task.batching.in_processes:
+                # Served by instance processes; this one only reads the queue (metrics, status) and never builds
+                # the model. Opening the store fails the worker at once on a broker that cannot work.
+                store, connection = QueueStore.open(worker.app, task.worker_settings())
+                self._stores.append((task.name, store, connection))
+                continue
             consumer = BatchConsumer.for_task(task, **options)
             consumer.connect()
             self.consumers.append(consumer)
+        stores = [(c.name, c.store) for c in self.consumers] + [(name, s) for name, s, _ in self._stores]
         if metrics is not None and self.settings.metrics_port is not None:
-            metrics.watch_queues((c.name, c.store) for c in self.consumers)
+            metrics.watch_queues(stores)
             metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
-        warning = persistence_warning(self.consumers[0].store.client) if self.consumers[0].store else None
+        warning = persistence_warning(stores[0][1].client) if stores and stores[0][1] else None
         if warning:
             logger.warning("batching: %s", warning)
         self.supervisor = Supervisor(self.consumers, lambda old: BatchConsumer.for_task(by_name[old.name], **options))
-        control.serve_queues(worker.app, [c.settings.queue for c in self.consumers])
+        pooled = [task for task in self.tasks if task.batching.in_processes]
+        if pooled:
+            self.pool = InstancePool(worker, pooled, metrics, options["events_enabled"],
+                                     self.settings.switch_interval_s)
+        control.serve_queues(worker.app, [t.batching.queue for t in self.tasks])
 
     def _on_worker_ready(self, ready: Any, celery_consumer: Any) -> None:
         for consumer in self.consumers:
@@ -91,16 +107,32 @@ class BatchingStep(bootsteps.StartStopStep):
             )
         if self.supervisor is not None:
             self.supervisor.start()
+        if self.pool is not None:
+            self.pool.start()
+            for task in self.tasks:
+                if task.batching.in_processes:
+                    policy = task.batching.policy
+                    logger.info("batching %s: %d instance process(es) consuming queue %r (batch_size=%d, "
+                                "max_delay=%gs)", task.name, task.batching.instances, task.batching.queue,
+                                policy.batch_size, policy.max_delay_s)
         ready(celery_consumer)
 
     def stop(self, worker: Any) -> None:
-        control.stop_serving(c.settings.queue for c in self.consumers)
+        control.stop_serving(t.batching.queue for t in self.tasks)
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.pool is not None:
+            self.pool.request_stop()
         for consumer in self.consumers:
             consumer.request_stop()  # signal all first, so they wind down in parallel
         for consumer in self.consumers:
             consumer.stop(STOP_TIMEOUT_S)
+        if self.pool is not None:
+            self.pool.stop(STOP_TIMEOUT_S)
+            self.pool = None
         self.consumers.clear()
+        for _name, _store, connection in self._stores:
+            connection.release()
+        self._stores.clear()
 
     terminate = stop

@@ -119,6 +119,14 @@ class ItemRequest:
 
 #: Claimed items whose batch has not started, by id (``inspect reserved``).
 _claimed: dict[str, ItemRequest] = {}
+#: More reserved items for ``inspect reserved``: those the worker's instance processes report (``remote``).
+extra_reserved: list[Callable[[], list[dict[str, Any]]]] = []
+
+
+def snapshot() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """This process's reserved and active items, as ``inspect reserved`` / ``active`` list them."""
+    active = [r.info() for r in list(worker_state.active_requests) if isinstance(r, ItemRequest)]
+    return [t.info() for t in list(_claimed.values())], active
 
 
 def reserve(task: Any, batch: Batch, first: int) -> None:
@@ -238,7 +246,8 @@ def _retrying(command: Callable[..., Any]) -> Callable[..., Any]:
 def _reserved(plain: Callable[..., Any]) -> Callable[..., Any]:
     def reserved(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """List of currently reserved tasks, not including scheduled/active."""
-        return list(plain(state, **kwargs)) + [t.info() for t in list(_claimed.values())]
+        extra = [info for more in extra_reserved for info in more()]
+        return list(plain(state, **kwargs)) + [t.info() for t in list(_claimed.values())] + extra
 
     return reserved
 

@@ -65,14 +65,13 @@ class Metrics:
         self.run_seconds.labels(task).observe(seconds)
 
     def settled(self, task: str, outcomes: Sequence[Outcome], claimed_at: float, dead: int) -> None:
-        counts: dict[str, int] = {}
+        self.record_settled(task, *tally(outcomes, claimed_at), dead)
+
+    def record_settled(self, task: str, counts: dict[str, int], waits: list[float], dead: int) -> None:
+        """A settled batch, already tallied (here, or by an instance process that reports to this one)."""
         wait = self.queue_wait.labels(task)
-        for o in outcomes:
-            label = "abandoned" if isinstance(o.value, RequestAbandoned) else _OUTCOME.get(o.state, o.state.lower())
-            counts[label] = counts.get(label, 0) + 1
-            sent_at = getattr(o.request, "sent_at", None)
-            if sent_at is not None and claimed_at:
-                wait.observe(max(0.0, claimed_at - sent_at))
+        for seconds in waits:
+            wait.observe(seconds)
         for label, n in counts.items():
             self.items.labels(task, label).inc(n)
         if dead:
@@ -85,6 +84,19 @@ class Metrics:
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
         logger.info("batching: Prometheus metrics on http://%s:%d/metrics", addr, port)
+
+
+def tally(outcomes: Sequence[Outcome], claimed_at: float) -> tuple[dict[str, int], list[float]]:
+    """Settled items by outcome label, and each one's queue wait in seconds (when it is known)."""
+    counts: dict[str, int] = {}
+    waits = []
+    for o in outcomes:
+        label = "abandoned" if isinstance(o.value, RequestAbandoned) else _OUTCOME.get(o.state, o.state.lower())
+        counts[label] = counts.get(label, 0) + 1
+        sent_at = getattr(o.request, "sent_at", None)
+        if sent_at is not None and claimed_at:
+            waits.append(max(0.0, claimed_at - sent_at))
+    return counts, waits
 
 
 class _QueueCollector(Collector):
