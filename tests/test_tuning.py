@@ -108,6 +108,14 @@ def test_batching_set_changes_what_both_running_workers_do(app, start_worker, re
     assert sum(sizes(port)[0] - counted[port][0] for port in (port_a, port_b)) >= 4  # still batches of 8 at most
     assert all(sizes(port)[1] == counted[port][1] for port in (port_a, port_b))
 
+    # The same from Python, as the README shows it
+    replies = app.app.control.broadcast("batching_set", arguments={"task": TASK, "settings": {"batch_size": 16}},
+                                        reply=True, destination=[a.nodename, b.nodename], timeout=10)
+    assert sorted(next(iter(r.values()))["ok"] for r in replies) == [
+        f"{TASK}: batch_size=16 max_delay=0.005 (was batch_size=8 max_delay=0.005)"] * 2
+    poll_until(lambda: list(status(redis_url)[TASK]["tuning"].values()) == [{"batch_size": 16, "max_delay": 0.005}] * 2,
+               10, "both workers to report batch_size 16")
+
     # --task belongs to batching_set alone: another command refuses it rather than ignoring it
     done = celery(redis_url, "control", "rate_limit", "--task", TASK, "flush.tuned", "5/s", "-d", nodes)
     assert done.returncode != 0 and "--task is an option of batching_set only" in done.stderr
