@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
+#: Why a batch ran when it did (``Batch.flush_reason``, the ``reason`` label of the batch metrics, the flush column
+#: of ``batching status``): full by count; full by its cost budget; its oldest request waited ``max_delay``; the
+#: queue had no more (greedy, ``max_delay=0``); the worker was shutting down.
+COUNT, COST, MAX_DELAY, EMPTY, SHUTDOWN = "count", "cost", "max_delay", "empty", "shutdown"
+FLUSH_REASONS = (COUNT, COST, MAX_DELAY, EMPTY, SHUTDOWN)
+
 
 @dataclass(frozen=True)
 class FlushPolicy:
@@ -38,3 +44,10 @@ class FlushPolicy:
             return float("inf")
         remaining = oldest + self.max_delay_s - now
         return remaining if remaining > 0 else None
+
+    def reason(self, count: int) -> str:
+        """Why a batch of ``count`` requests runs once ``wait_s`` said so: full, or its wait is over (``max_delay``
+        reached; with ``max_delay == 0``, whatever was queued, the queue having no more)."""
+        if count >= self.batch_size:
+            return COUNT
+        return MAX_DELAY if self.max_delay_s > 0 else EMPTY

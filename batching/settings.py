@@ -2,7 +2,8 @@
 
 ``BatchSettings`` is what every layer below the task reads: the client (the queue and the signature), the
 consumer (batching, leases, limits, retries) and the store (the queue's keys, leases, deliveries). It is frozen:
-nothing changes a task's settings behind a running consumer's back. Each default is written once, here.
+nothing changes a task's settings behind a running consumer's back — a live change (``batching_set``) is a new,
+checked value that the consumer swaps in. Each default is written once, here.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import time
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from celery.result import AsyncResult
 from celery.utils.time import rate
 from kombu.exceptions import OperationalError
 
-from . import routing
+from . import routing, tuning
 from .errors import BrokerOutOfMemory, ConfigurationError, UnbatchedCallError
 from .merge import CallSpec, execute
 from .model import ModelHandle
@@ -43,6 +44,12 @@ from .settings import (
 WORKER_STEP = "batching.worker.bootstep:BatchingStep"
 #: ``Task.apply_async``'s positional parameters after ``args`` and ``kwargs``.
 _APPLY_ASYNC_POSITIONAL = ("task_id", "producer", "link", "link_error", "shadow")
+
+if "celery.bin.control" in sys.modules:
+    # Under the ``celery`` command, which loads the app (and so this) before parsing ``control``'s arguments:
+    # ``celery -A app control batching_set --task NAME ...`` must find the command and its option. Elsewhere (a
+    # web app, a script) nothing of Celery's worker or CLI is imported for it.
+    tuning.install()
 
 
 class BatchedTask(Task):

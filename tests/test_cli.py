@@ -83,8 +83,10 @@ def test_status_counts_queued_messages_per_task_without_a_worker(cliapp: ModuleT
     assert embed["oldest_age_s"] is None or 0 <= embed["oldest_age_s"] < 60  # None until clients send sent_at
 
     table = ok("status", "-A", APP)
-    (line,) = [ln for ln in table.splitlines() if "tests.apps.cliapp.embed " in ln]
+    line, load = [ln for ln in table.splitlines() if "tests.apps.cliapp.embed " in ln]  # two tables
     assert [cell.strip() for cell in line.split("│")][3] == "3"  # │ task │ queue │ depth │ ...
+    backlog, age, flushes, values = [cell.strip() for cell in load.split("│")][2:6]
+    assert (backlog, flushes, values) == ("3", "-", "-") and age != "-"  # no batch ran, no consumer reported
 
 
 def test_status_reads_claims_consumers_stats_and_message_age(cliapp: ModuleType, rclient: redis.Redis) -> None:

@@ -431,7 +431,7 @@ def test_maintain_extends_only_live_claims_and_records_the_heartbeat(journal, re
 
 def test_maintain_fails_the_dead_letters_it_recovered(journal, monkeypatch, caplog) -> None:
     fake_store = QueueStore(fakeredis.FakeRedis(), QueueKeys(f"batching.{TASK}"), lease_s=30.0)
-    monkeypatch.setattr(fake_store, "heartbeat", lambda consumer_id, claim_ids: None)
+    monkeypatch.setattr(fake_store, "heartbeat", lambda consumer_id, claim_ids, tuning: None)
     monkeypatch.setattr(fake_store, "recover", lambda: (2, [envelope("a"), b"{not json"]))
 
     make_keeper(journal, store=fake_store).maintain("consumer-1", [])

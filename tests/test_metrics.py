@@ -24,6 +24,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+def summed(m: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples that carry ``labels`` (over every other label, e.g. every flush reason)."""
+    return sum(v for (n, got), v in m.items() if n == name and set(labels.items()) <= set(got))
+
+
 def test_metrics_endpoint_counts_batches_items_and_queue_state(redis_url, start_worker, rclient):
     shop = importlib.import_module("tests.apps.shop")
     port = free_port()
@@ -49,14 +54,19 @@ def test_metrics_endpoint_counts_batches_items_and_queue_state(redis_url, start_
     m = poll_until(settled, 10, "the metrics to count every item and the delayed task", interval=0.05)
     assert m[("batching_items_total", (("outcome", "succeeded"), *task))] == 20
     assert m[("batching_items_total", (("outcome", "failed"), *task))] == 3
-    batches = m[("batching_batches_total", task)]
+    batches = summed(m, "batching_batches_total", task=shop.picky.name)
     assert 1 <= batches <= 23
-    assert m[("batching_batch_size_count", task)] == batches
-    assert m[("batching_batch_size_sum", task)] == 23
+    assert summed(m, "batching_batch_size_count", task=shop.picky.name) == batches
+    assert summed(m, "batching_batch_size_sum", task=shop.picky.name) == 23
+    # picky waits up to max_delay=0.02 s for a batch of 8: every batch is full or its wait was over
+    reasons = {dict(labels)["reason"] for (n, labels) in m if n == "batching_batches_total"}
+    assert reasons <= {"count", "max_delay"}, reasons
     assert m[("batching_run_batch_seconds_count", task)] == batches
     assert m[("batching_queue_wait_seconds_count", task)] == 23
     assert m[("batching_delayed", task)] == 1
     assert m[("batching_queue_depth", task)] == 0
+    assert m[("batching_backlog", task)] == 0  # the delayed task is not due: nothing to scale for
+    assert m[("batching_oldest_request_age_seconds", task)] == 0
     assert m[("batching_consumers", task)] == 1
     assert m[("batching_dead_letters", task)] == 0
     later.revoke()

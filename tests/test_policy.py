@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from batching.errors import ConfigurationError
-from batching.policy import FlushPolicy
+from batching.policy import COUNT, EMPTY, FLUSH_REASONS, MAX_DELAY, FlushPolicy
 
 T0 = 1_000.0
 
@@ -71,3 +71,11 @@ def test_valid_settings_are_kept() -> None:
 
     assert (policy.batch_size, policy.max_delay_s) == (1, 0.25)
     assert policy.wait_s(now=T0, oldest=T0, count=1) is None  # a batch of one is always full
+
+
+def test_the_flush_reason_says_full_or_why_the_wait_ended() -> None:
+    assert FlushPolicy(4, 0.05).reason(4) == COUNT
+    assert FlushPolicy(4, 0.05).reason(3) == MAX_DELAY
+    assert FlushPolicy(4, 0.0).reason(3) == EMPTY  # greedy: it ran what the queue had
+    assert FlushPolicy(4, 0.0).reason(4) == COUNT
+    assert set(FLUSH_REASONS) == {"count", "cost", "max_delay", "empty", "shutdown"}  # names users see: a contract

@@ -345,3 +345,12 @@ def test_junk_request_limits_are_ignored(junk: Any) -> None:
 def test_junk_task_limits_mean_no_limit(junk: Any) -> None:
     assert limits([], hard=junk, soft=junk) == TimeLimits(None, None)
     assert limits([[4, 2]], hard=junk, soft=junk) == TimeLimits(soft=2.0, hard=4.0)
+
+
+def test_each_batch_is_logged_at_debug_with_why_it_was_flushed(caplog) -> None:
+    batch = batch_of(1, 2, 3)
+    batch.flush_reason = "max_delay"
+    with caplog.at_level(logging.DEBUG, logger="batching.worker.runner"):
+        ModelRunner(settings_for(double), ModelHandle(fn=double), lambda b: None).run(batch)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert line.startswith(f"batching {TASK}: ran a batch of 3 in ") and line.endswith(" ms (flush: max_delay)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import dead as cli_dead
 from . import purge as cli_purge
-from .common import EXIT_USAGE, CliError, app_command, console, fmt_age, open_app, redis_errors
+from .common import EXIT_USAGE, CliError, app_command, console, fmt_age, fmt_tuning, open_app, redis_errors
 
 DESCRIPTION = "Inspect the queues and dead letters of an app's batched tasks; run the demo and the benchmark."
 EPILOG = """\
@@ -54,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = app_command(
         commands, "status", epilog=EPILOG, app_help=APP_HELP,
-        help="one row per batched task: queue depth, in flight, claims, delayed, dead letters, consumers, ...",
+        help="one row per batched task: queue depth, in flight, backlog, claims, delayed, dead letters, consumers, "
+        "why recent batches were flushed, the values the workers use, ...",
         description="One row per batched task of the app: queue depth (all priority lists), messages in flight "
-        "(held in consumers' claims), claims, delayed (waiting for their ETA), dead letters, live consumers "
-        "(heartbeat within 2 leases), the stalest consumer's heartbeat age (yellow past 2 leases: wedged or "
-        "gone), age of the next message to be served (from its sent_at header; '?' without one), batches run and "
-        "their mean size.",
+        "(held in consumers' claims), backlog (depth + in flight: what an autoscaler should see), claims, delayed "
+        "(waiting for their ETA), dead letters, live consumers (heartbeat within 2 leases), the stalest consumer's "
+        "heartbeat age (yellow past 2 leases: wedged or gone), age of the next message to be served and of the "
+        "oldest request waiting or in flight (from their sent_at header; '?' without one), batches run and their "
+        "mean size, batches of the last 5 minutes by why they were flushed (count, cost, max_delay, empty, "
+        "shutdown), and the batch_size / max_delay (/ max_batch_cost) each worker uses now, with how many "
+        "workers use them (changed live by `celery -A APP control batching_set`).",
     )
     status.add_argument("--json", action="store_true", help="print the same data as JSON instead of a table")
     status.set_defaults(run=cmd_status)
@@ -100,6 +104,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for title in ("depth", "in flight", "claims", "delayed", "dead", "consumers", "heartbeat", "oldest", "batches",
                   "mean size"):
         table.add_column(title, justify="right")
+
+    # What an autoscaler reads, why batches are the size they are and what each worker uses: a second table, the
+    # first is wide enough.
+    batching = Table(title="load and batching")
+    batching.add_column("task")
+    batching.add_column("backlog", justify="right")
+    batching.add_column("oldest request", justify="right")
+    batching.add_column("batches of the last 5 min, by flush reason")
+    batching.add_column("batch_size / max_delay (consumers)")
     for r in rows:
         oldest = "-" if r.depth == 0 else fmt_age(r.oldest_age_s)
         mean = "-" if r.mean_batch_size is None else f"{r.mean_batch_size:.1f}"
@@ -109,10 +122,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         heartbeat = "-" if stalest is None else fmt_age(stalest)
         if stalest is not None and r.consumers and stalest > 2 * r.lease_s:
             heartbeat = f"[yellow]{heartbeat}[/]"  # a consumer that stopped beating: wedged, or gone
+        oldest_request = "-" if r.backlog == 0 else fmt_age(r.oldest_request_age_s)
+        flushed = " ".join(f"{reason} {n}" for reason, n in r.flush_reasons.items()) or "-"
         table.add_row(escape(r.task), escape(r.queue), str(r.depth), str(r.in_flight), str(r.claims),
                       str(r.delayed), dead, consumers, heartbeat, oldest, str(r.batches), mean)
+        batching.add_row(escape(r.task), str(r.backlog), oldest_request, flushed, escape(fmt_tuning(r.tuning)))
     out = console()
     out.print(table)
+    out.print(batching)
     for r in rows:
         if r.data_lost_at is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.data_lost_at))

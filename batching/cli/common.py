@@ -51,6 +51,20 @@ def fmt_age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def fmt_tuning(tuning: dict[str, dict[str, Any]]) -> str:
+    """The values the consumers use, ``batch_size / max_delay[ / max_batch_cost]``, each distinct set once with
+    how many consumers use it: ``8 / 5ms (2)``; ``-`` when none reported."""
+    counts: dict[str, int] = {}
+    for values in tuning.values():
+        delay = values.get("max_delay", 0)
+        parts = [str(values.get("batch_size", "?")), f"{delay * 1000:g}ms" if delay < 1 else f"{delay:g}s"]
+        if values.get("max_batch_cost") is not None:
+            parts.append(f"{values['max_batch_cost']:g}")
+        text = " / ".join(parts)
+        counts[text] = counts.get(text, 0) + 1
+    return ", ".join(f"{text} ({n})" for text, n in counts.items()) or "-"
+
+
 @contextlib.contextmanager
 def redis_errors(url: str) -> Iterator[None]:
     """Turn a lost connection in the middle of a command into the one-line 'cannot reach' error."""

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 DEFAULT_SEP = "\x06\x16"
 DEFAULT_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
 NAMESPACE = "batching"
+#: Flush reasons are counted per batch in one hash per minute (``flushes``); ``batching status`` sums the last
+#: ``FLUSH_WINDOW_BUCKETS`` of them, and each expires once it has left that window.
+FLUSH_BUCKET_S = 60
+FLUSH_WINDOW_BUCKETS = 5
 
 
 @dataclass(frozen=True)
@@ -59,15 +63,27 @@ class QueueKeys:
     epoch: str = field(init=False)
     #: String: JSON ``{at, run_id}`` of the last time the consumers found Redis had lost its data.
     lost: str = field(init=False)
+    #: Hash: consumer id -> JSON of the batching values it uses now (``batch_size``, ``max_delay``, ...), written
+    #: at its heartbeat and when ``batching_set`` changes them; dropped with the consumer.
+    tuning: str = field(init=False)
 
     def __post_init__(self) -> None:
         # Built once: the consumer reads them on every claim.
-        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats", "abandoned", "epoch", "lost"):
+        for kind in ("claims", "delayed", "dead", "deliveries", "consumers", "stats", "abandoned", "epoch", "lost",
+                     "tuning"):
             object.__setattr__(self, kind, f"{self.prefix}{NAMESPACE}:{kind}:{self.queue}")
 
     def claim(self, claim_id: str) -> str:
         """List of ``source list, raw message`` pairs that one consumer took for one batch."""
         return f"{self.prefix}{NAMESPACE}:claim:{self.queue}:{claim_id}"
+
+    def flushes(self, now: float) -> str:
+        """Hash of the minute that holds unix time ``now``: flush reason -> batches run for that reason."""
+        return f"{self.prefix}{NAMESPACE}:flushes:{self.queue}:{int(now // FLUSH_BUCKET_S)}"
+
+    def recent_flushes(self, now: float) -> list[str]:
+        """The ``flushes`` hashes of the recent window ending at ``now``, newest first."""
+        return [self.flushes(now - i * FLUSH_BUCKET_S) for i in range(FLUSH_WINDOW_BUCKETS)]
 
 
 def batch_sizes(stats: Mapping[bytes, bytes]) -> dict[int, int]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ..errors import BrokerError, NotReplicated
-from .keys import QueueKeys, batch_sizes
+from .keys import FLUSH_BUCKET_S, FLUSH_WINDOW_BUCKETS, QueueKeys, batch_sizes
 from .lua import script
 from .replication import NO_WAIT, Replicas
 
@@ -54,6 +54,8 @@ class Finish:
     """What to do with a claim's messages once its results are stored."""
 
     ran: int = 0
+    #: Why the batch that ran was flushed (``policy.FLUSH_REASONS``), counted in the recent window.
+    flush_reason: str = ""
     delayed: list[tuple[float, bytes]] = field(default_factory=list)
     dead: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -201,12 +203,13 @@ class QueueStore:
         Returns False if the claim was no longer ours (its lease ran out and it was re-queued meanwhile).
         """
         k = self.keys
-        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), k.queue]
+        args: list[Any] = [claim.claim_id, outcome.ran, len(outcome.delayed), k.queue, outcome.flush_reason or "?",
+                           (FLUSH_WINDOW_BUCKETS + 1) * FLUSH_BUCKET_S]
         for eta, raw in outcome.delayed:
             args += [eta, raw]
         for reason, raw in outcome.dead:
             args += [reason, raw]
-        keys = [k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats, k.deliveries]
+        keys = [k.claims, k.claim(claim.claim_id), k.delayed, k.dead, k.stats, k.deliveries, k.flushes(self.now())]
         if not self.replicas:
             return bool(self._ack(keys=keys, args=args))
         (finished,) = self.replicas.run(self.client, lambda pipe: self._ack(keys=keys, args=args, client=pipe),
@@ -228,23 +231,31 @@ class QueueStore:
         requeued, _dead = self._requeue_claims("release", list(claim_ids))
         return requeued
 
-    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str]) -> bool:
-        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive.
+    def heartbeat(self, consumer_id: str, claim_ids: Iterable[str], tuning: str = "{}") -> bool:
+        """Extend the leases of our live claims (never re-creating one already recovered) and say we are alive, with
+        the batching values we use (``tuning``, JSON) for ``batching status``.
 
         Also re-measures the clock offset from the TIME the script returns. Returns True if this heartbeat found
         that Redis had lost its data (the epoch marker was gone; a new epoch starts).
         """
         sent_at = time.time()
         seconds, micros, epoch, lost = self._heartbeat(
-            keys=[self.keys.claims, self.keys.consumers, self.keys.epoch],
-            args=[self.lease_s, consumer_id, uuid.uuid4().hex, *claim_ids],
+            keys=[self.keys.claims, self.keys.consumers, self.keys.epoch, self.keys.tuning],
+            args=[self.lease_s, consumer_id, uuid.uuid4().hex, tuning, *claim_ids],
         )
         self._set_offset(sent_at, int(seconds) + int(micros) / 1e6)
         self.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         return bool(int(lost))
 
     def leave(self, consumer_id: str) -> None:
-        self.client.zrem(self.keys.consumers, consumer_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.consumers, consumer_id)
+            pipe.hdel(self.keys.tuning, consumer_id)
+            pipe.execute()
+
+    def report_tuning(self, consumer_id: str, tuning: str) -> None:
+        """Record at once the batching values a consumer uses now (JSON), as its heartbeats do."""
+        self.client.hset(self.keys.tuning, consumer_id, tuning)
 
     def recover(self, limit: int = 20) -> tuple[int, list[bytes]]:
         """Re-queue the claims whose lease has run out: their consumer died or hung.

@@ -1,7 +1,8 @@
-"""What a batched task's queue holds right now: depth, claims, delayed, dead letters, consumers, batch statistics.
+"""What a batched task's queue holds right now: depth, claims, delayed, dead letters, consumers, batch statistics,
+why recent batches were flushed and the batching values each consumer uses.
 
 One snapshot costs two round trips: a ``MULTI`` of every counter (so depth, the oldest message and the claims are
-read at the same instant), then the lengths of the claims it found. ``batching status`` prints these
+read at the same instant), then the length and oldest message of each claim it found. ``batching status`` prints these
 (``batching.queue_status``); the worker's metrics call ``status_of`` on the store each consumer keeps open.
 """
 
@@ -11,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .keys import batch_sizes
+from .keys import FLUSH_BUCKET_S, FLUSH_WINDOW_BUCKETS, batch_sizes
 from .queue import QueueStore
 
 #: A consumer counts as live if its last heartbeat is within this many leases (heartbeats come every lease/4).
@@ -39,6 +40,12 @@ class QueueStatus:
     #: Seconds since the next message to be served was sent; ``None`` when the queue is empty or the message
     #: carries no ``sent_at`` header.
     oldest_age_s: float | None
+    #: Requests waiting plus in flight (``depth + in_flight``): the load an autoscaler should see. Claimed
+    #: messages have left the queue's lists, so ``LLEN`` alone misses them; delayed ones are not due yet.
+    backlog: int
+    #: Seconds since the oldest request waiting (any priority) or in flight was sent; ``None`` when there is none
+    #: or none carries a ``sent_at`` header.
+    oldest_request_age_s: float | None
     batches: int
     #: Requests counted by the consumers (the ``requests`` counter of the stats hash).
     requests: int
@@ -50,6 +57,13 @@ class QueueStatus:
     heartbeat_ages_s: dict[str, float]
     #: When the consumers last found that Redis had lost its data (unix seconds), if ever.
     data_lost_at: float | None
+    #: Batches run in the last ``flush_window_s`` seconds, by why they were flushed (``count``, ``cost``,
+    #: ``max_delay``, ``empty``, ``shutdown``).
+    flush_reasons: dict[str, int]
+    flush_window_s: float
+    #: The batching values each live consumer uses now (``batch_size``, ``max_delay``, ...), by consumer id: what
+    #: ``batching_set`` changed, or the task's own.
+    tuning: dict[str, dict[str, Any]]
 
 
 def status_of(store: QueueStore, task_name: str, *, now: float | None = None) -> QueueStatus:
@@ -69,32 +83,59 @@ def status_of(store: QueueStore, task_name: str, *, now: float | None = None) ->
         pipe.hgetall(keys.stats)
         pipe.zrange(keys.consumers, 0, -1, withscores=True)
         pipe.get(keys.lost)
+        pipe.hgetall(keys.tuning)
+        recent = keys.recent_flushes(now)
+        for key in recent:
+            pipe.hgetall(key)
         reply: list[Any] = pipe.execute()
     n = len(lists)
     lengths, ends = reply[:n], reply[n:2 * n]
-    claim_ids, delayed, dead, consumers, stats, beats, lost = reply[2 * n:]
+    claim_ids, delayed, dead, consumers, stats, beats, lost, tuning = reply[2 * n:2 * n + 8]
+    flushes: dict[str, int] = {}
+    for counts in reply[2 * n + 8:]:
+        for reason, count in counts.items():
+            flushes[reason.decode()] = flushes.get(reason.decode(), 0) + int(count)
     # Highest priority first: the first non-empty list holds the next message to be served.
     oldest = next((raw for raw in ends if raw is not None), None)
     sizes = batch_sizes(stats)
     batches = sum(sizes.values())
+    depth = sum(int(x) for x in lengths)
+    in_flight, claimed_heads = _in_flight(store, [c.decode() for c in claim_ids])
+    ages = [age for raw in (*ends, *claimed_heads) if (age := _age(raw, now)) is not None]
+    live = {c.decode() for c, at in beats if float(at) >= now - LIVE_LEASES * store.lease_s}
     return QueueStatus(
         task=task_name,
         queue=keys.queue,
-        depth=sum(int(x) for x in lengths),
-        in_flight=_in_flight(store, [c.decode() for c in claim_ids]),
+        depth=depth,
+        in_flight=in_flight,
         claims=len(claim_ids),
         delayed=int(delayed),
         dead=int(dead),
         consumers=int(consumers),
         lease_s=store.lease_s,
         oldest_age_s=_age(oldest, now),
+        backlog=depth + in_flight,
+        oldest_request_age_s=max(ages, default=None),
         batches=batches,
         requests=int(stats.get(b"requests", 0)),
         mean_batch_size=sum(size * count for size, count in sizes.items()) / batches if batches else None,
         batch_sizes=dict(sorted(sizes.items())),
         heartbeat_ages_s={c.decode(): max(0.0, now - float(at)) for c, at in beats},
         data_lost_at=_lost_at(lost),
+        flush_reasons=dict(sorted(flushes.items())),
+        flush_window_s=float(FLUSH_WINDOW_BUCKETS * FLUSH_BUCKET_S),
+        tuning={c: v for c, v in sorted(_tuning(tuning).items()) if c in live},
     )
+
+
+def _tuning(entries: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for consumer, values in entries.items():
+        try:
+            out[consumer.decode()] = json.loads(values)
+        except ValueError:
+            continue
+    return out
 
 
 def _lost_at(entry: bytes | None) -> float | None:
@@ -104,15 +145,17 @@ def _lost_at(entry: bytes | None) -> float | None:
         return None
 
 
-def _in_flight(store: QueueStore, claim_ids: list[str]) -> int:
+def _in_flight(store: QueueStore, claim_ids: list[str]) -> tuple[int, list[bytes | None]]:
+    """Messages held in these claims, and each claim's oldest message."""
     if not claim_ids:
-        return 0
+        return 0, []
     with store.client.pipeline(transaction=False) as pipe:
         for claim_id in claim_ids:
             pipe.llen(store.keys.claim(claim_id))
-        lengths: list[int] = pipe.execute()
+            pipe.lindex(store.keys.claim(claim_id), 1)  # claimed oldest first, after the list it came from
+        reply: list[Any] = pipe.execute()
     # A claim list holds (source list, raw message) pairs.
-    return sum(lengths) // 2
+    return sum(reply[0::2]) // 2, reply[1::2]
 
 
 def _age(raw: bytes | None, now: float) -> float | None:

@@ -74,6 +74,9 @@ class Batch:
     items: list[Item] = field(default_factory=list)
     settled: list[Outcome] = field(default_factory=list)
     finish: Finish = field(default_factory=Finish)
+    #: Why the batch stopped forming (``policy.FLUSH_REASONS``): set by the fetch thread, where the flush policy, a
+    #: top-up that filled it or a stop request ended it; a reason set while topping up (the cost budget) stands.
+    flush_reason: str = ""
     #: Unix times: first message claimed, and run_batch started (None: nothing ran).
     claimed_at: float = 0.0
     started_at: float | None = None

@@ -14,6 +14,9 @@ from typing import Any
 
 from celery import bootsteps
 
+from .. import tuning
+from ..errors import ConfigurationError
+from ..settings import BatchSettings
 from ..store.durability import persistence_warning
 from ..store.queue import QueueStore
 from ..task import batched_tasks
@@ -51,6 +54,7 @@ class BatchingStep(bootsteps.StartStopStep):
         self.tasks = batched_tasks(worker.app)
         if self.tasks:  # read by the Consumer step when it is created, after every step's __init__
             worker.ready_callback = functools.partial(self._on_worker_ready, worker.ready_callback)
+            tuning.install()  # `celery control batching_set` reaches ``batching_retune``
         # Unknown batching_* settings fail the worker here, before it serves anything, naming the valid ones.
         self.settings = WorkerSettings.from_app(worker.app.conf, os.environ)
         # The normal consumer must never take batch messages one by one (it would run run_batch per item), even
@@ -90,12 +94,33 @@ class BatchingStep(bootsteps.StartStopStep):
         warning = persistence_warning(stores[0][1].client) if stores and stores[0][1] else None
         if warning:
             logger.warning("batching: %s", warning)
-        self.supervisor = Supervisor(self.consumers, lambda old: BatchConsumer.for_task(by_name[old.name], **options))
+        def replace(old: BatchConsumer) -> BatchConsumer:
+            fresh = BatchConsumer.for_task(by_name[old.name], **options)
+            fresh.retune(old.settings)  # keeps what batching_set changed
+            return fresh
+
+        self.supervisor = Supervisor(self.consumers, replace)
         pooled = [task for task in self.tasks if task.batching.in_processes]
         if pooled:
             self.pool = InstancePool(worker, pooled, metrics, options["events_enabled"],
                                      self.settings.switch_interval_s)
         control.serve_queues(worker.app, [t.batching.queue for t in self.tasks])
+
+    def batching_retune(self, name: str, changes: dict[str, Any]) -> tuple[BatchSettings, BatchSettings]:
+        """``batching_set`` (``tuning``): apply ``changes`` to the consumer of task ``name``, checked as ``@batched``
+        checks them; returns its settings before and after. Raises ``ConfigurationError`` and changes nothing if
+        the task is not served here or a value is refused."""
+        consumers = [c for c in self.consumers if c.name == name]
+        if not consumers:
+            served = ", ".join(c.name for c in self.consumers) or "none"
+            raise ConfigurationError(f"{name!r} is not a batched task of this worker (it serves: {served})")
+        before = consumers[0].settings
+        after = tuning.retuned(before, changes)
+        for consumer in consumers:
+            consumer.retune(after)
+        logger.info("batching %s: now %s (was %s), by %s", name, tuning.describe(after), tuning.describe(before),
+                    tuning.COMMAND)
+        return before, after
 
     def _on_worker_ready(self, ready: Any, celery_consumer: Any) -> None:
         for consumer in self.consumers:

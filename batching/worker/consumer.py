@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.serialization import prepare_accept_content
 
+from .. import tuning
 from ..model import ModelHandle
 from ..settings import BatchSettings
 from ..store.outage import Outage, Stopped
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Put in the keeper's queue by ``retune`` to wake it.
+_WAKE: Any = object()
 
 
 class BatchConsumer(FetchThread):
@@ -101,6 +104,8 @@ class BatchConsumer(FetchThread):
         started = Started(ResultWriter(app.backend), hostname) if settings.track_started else None
         self.runner = ModelRunner(settings, model, self._done.put, metrics, signals=self.signals, started=started)
         self._lock = threading.Lock()
+        #: Set by ``retune``: the keeper reports the new values at once rather than at its next heartbeat.
+        self._retuned = threading.Event()
         self._active: set[str] = set()
         self._threads: list[threading.Thread] = []
         # Set by ``for_task`` (a worker's consumers): the task whose items are registered in Celery's worker state
@@ -142,6 +147,14 @@ class BatchConsumer(FetchThread):
             thread = threading.Thread(target=target, name=f"batching-{name}-{self.name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def retune(self, settings: BatchSettings) -> None:
+        """Serve with ``settings`` from the next batch on (``batching_set``): one reference swap, which the fetch
+        thread reads on every round. Only the batching values may differ: the other threads keep theirs."""
+        self.settings = settings
+        self._retuned.set()
+        with contextlib.suppress(queue.Full):
+            self._done.put_nowait(_WAKE)  # the keeper reports it now; if it is busy, it looks after this batch
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -227,9 +240,10 @@ class BatchConsumer(FetchThread):
                 item = None
             if item is _STOP or self._abandoned:
                 break
-            if item is not None:
+            if item is not None and item is not _WAKE:
                 self._settle(item)
-            if time.monotonic() >= next_beat:
+            if time.monotonic() >= next_beat or self._retuned.is_set():
+                self._retuned.clear()
                 self._maintain()
                 next_beat = time.monotonic() + beat_s
         try:
@@ -241,7 +255,7 @@ class BatchConsumer(FetchThread):
         with self._lock:
             active = list(self._active)
         try:
-            self._require_keeper().maintain(self.consumer_id, active)
+            self._require_keeper().maintain(self.consumer_id, active, tuning.encode(self.settings))
         except Exception:
             # Heartbeats must go on: a failure here is logged and the next beat tries again.
             logger.exception("batching %s: heartbeat or recovery failed; trying again next beat", self.name)
@@ -297,5 +311,6 @@ class BatchConsumer(FetchThread):
             else:
                 self._done.put(batch)
             while not self._done.empty():
-                self._settle(self._done.get_nowait())
+                if (done := self._done.get_nowait()) is not _WAKE:
+                    self._settle(done)
         return total

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.worker import state as worker_state
 
+from ..policy import COUNT, SHUTDOWN
 from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
 from ..store.queue import QueueStore
 from . import control
@@ -96,15 +97,19 @@ class FetchThread:
 
     def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
         store = self._require_store()
-        policy = self.settings.policy
         oldest: float | None = None
         idle_until = time.monotonic() + idle_timeout_s
         while True:
             if self._top_up(batch) and oldest is None:
                 oldest = time.monotonic()
             now = time.monotonic()
+            policy = self.settings.policy  # read on every round: ``batching_set`` may swap it meanwhile
             wait = policy.wait_s(now, oldest, len(batch.claim))
-            if wait is None or (batch.claim and self._stopping.is_set()):
+            if wait is None:
+                batch.flush_reason = batch.flush_reason or policy.reason(len(batch.claim))
+                return batch
+            if batch.claim and self._stopping.is_set():
+                batch.flush_reason = SHUTDOWN
                 return batch
             if not batch.claim and (now >= idle_until or self._stopping.is_set()):
                 self._untrack(batch)
@@ -134,6 +139,8 @@ class FetchThread:
         if self.limiter is not None and taken < missing:
             self.limiter.refund(missing - taken)
         if taken:
+            if len(claim) >= self.settings.policy.batch_size:
+                batch.flush_reason = COUNT  # also when a top-up in the model's slot filled it
             running = len(batch.items)
             # Abandoned ids are looked up (one ZMSCORE) only while some caller of this queue gave up lately.
             store = self._require_store()
@@ -155,7 +162,12 @@ class FetchThread:
             self._slot_changed.notify_all()
             while self._slot is batch:
                 if self._stopping.is_set():
-                    return  # the fetch loop gives the slot's batch back
+                    if batch.flush_reason == SHUTDOWN:
+                        # Cut short by the stop: it runs once the model is free (after the batch it runs now, if
+                        # any), as a last flush, rather than going back to the queue half-formed.
+                        self._slot_changed.wait(TOPUP_MAX_S)
+                        continue
+                    return  # a batch waiting behind a running one: the fetch loop gives it back
                 # Topping up holds the lock for one claim round trip: the model thread may wait that long.
                 try:
                     taken = self._top_up(batch)

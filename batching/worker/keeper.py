@@ -77,7 +77,7 @@ class Keeper:
                 return
         retries = canvas.plan_retries(self.settings.retry, outcomes)
         canvas.send_callbacks(app, outcomes)
-        batch.finish.ran = len(batch.items)
+        batch.finish.ran, batch.finish.flush_reason = len(batch.items), batch.flush_reason
         fence = (self.store.keys.claims, claim.claim_id) if claim and self.fence_in_write and not lost_with_data \
             else None
         if not with_retries(lambda: self.writer.write(outcomes, fence), self.outage, self.stop):
@@ -136,10 +136,11 @@ class Keeper:
         if self.metrics is not None:
             self.metrics.late_outcomes.labels(self.settings.name).inc(len(outcomes))
 
-    def maintain(self, consumer_id: str, active: list[str]) -> None:
-        """Keep our leases alive and recover the claims of consumers that died."""
+    def maintain(self, consumer_id: str, active: list[str], tuning: str = "{}") -> None:
+        """Keep our leases alive, say which batching values we use (JSON) and recover the claims of consumers that
+        died."""
         try:
-            if self.store.heartbeat(consumer_id, active):
+            if self.store.heartbeat(consumer_id, active, tuning):
                 self._data_lost()
             requeued, dead = self.store.recover()
         except REDIS_ERRORS as exc:

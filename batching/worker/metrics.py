@@ -2,9 +2,11 @@
 
 Turn it on with the app setting ``batching_metrics_port`` (or the ``BATCHING_METRICS_PORT`` environment variable;
 ``batching_metrics_addr`` / ``BATCHING_METRICS_ADDR`` picks the address, default 0.0.0.0; see ``tunables``).
-Everything is labelled by task. Counters and histograms are updated once per batch by the consumers; queue depth,
-oldest message age, in-flight claims and dead letters are read from Redis when scraped (one snapshot per task, see
-``store.snapshot``), so they describe the queue as every worker sees it.
+Everything is labelled by task; the batch counter and batch-size histogram also by ``reason``, why each batch was
+flushed (``policy.FLUSH_REASONS``). Counters and histograms are updated once per batch by the consumers; queue
+depth, the backlog and oldest-request age an autoscaler reads, in-flight claims and dead letters are read from
+Redis when scraped (one snapshot per task, see ``store.snapshot``), so they describe the queue as every worker
+sees it.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.batches = Counter("batching_batches", "Batches run by run_batch", ["task"], registry=r)
+        self.batches = Counter("batching_batches", "Batches run by run_batch, by why they were flushed",
+                               ["task", "reason"], registry=r)
         self.batch_size = Histogram(
-            "batching_batch_size", "Requests per batch", ["task"], buckets=SIZE_BUCKETS, registry=r
+            "batching_batch_size", "Requests per batch, by why it was flushed", ["task", "reason"],
+            buckets=SIZE_BUCKETS, registry=r,
         )
         self.run_seconds = Histogram(
             "batching_run_batch_seconds", "Duration of run_batch calls", ["task"], buckets=SECONDS_BUCKETS,
@@ -59,9 +63,9 @@ class Metrics:
             ["task"], registry=r,
         )
 
-    def batch_ran(self, task: str, size: int, seconds: float) -> None:
-        self.batches.labels(task).inc()
-        self.batch_size.labels(task).observe(size)
+    def batch_ran(self, task: str, size: int, seconds: float, reason: str) -> None:
+        self.batches.labels(task, reason).inc()
+        self.batch_size.labels(task, reason).observe(size)
         self.run_seconds.labels(task).observe(seconds)
 
     def settled(self, task: str, outcomes: Sequence[Outcome], claimed_at: float, dead: int) -> None:
@@ -109,6 +113,14 @@ class _QueueCollector(Collector):
             "age": GaugeMetricFamily(
                 "batching_oldest_message_age_seconds", "Age of the next message to be served", labels=["task"]
             ),
+            "backlog": GaugeMetricFamily(
+                "batching_backlog", "Requests waiting in the queue plus in flight (claimed, not finished): what to "
+                "scale workers on; messages parked until their ETA are not counted", labels=["task"],
+            ),
+            "request_age": GaugeMetricFamily(
+                "batching_oldest_request_age_seconds", "Age of the oldest request waiting or in flight (0: none)",
+                labels=["task"],
+            ),
             "in_flight": GaugeMetricFamily(
                 "batching_in_flight", "Messages claimed by a consumer and not finished", labels=["task"]
             ),
@@ -129,6 +141,8 @@ class _QueueCollector(Collector):
                 continue
             families["depth"].add_metric([name], s.depth)
             families["age"].add_metric([name], s.oldest_age_s or 0.0)
+            families["backlog"].add_metric([name], s.backlog)
+            families["request_age"].add_metric([name], s.oldest_request_age_s or 0.0)
             families["in_flight"].add_metric([name], s.in_flight)
             families["claims"].add_metric([name], s.claims)
             families["delayed"].add_metric([name], s.delayed)

@@ -60,8 +60,11 @@ class ModelRunner:
                 results = [exc] * len(batch.items)
         if self.signals is not None:
             self.signals.ran(batch)
+        seconds = time.time() - batch.started_at
         if self.metrics is not None:
-            self.metrics.batch_ran(self.settings.name, len(batch.items), time.time() - batch.started_at)
+            self.metrics.batch_ran(self.settings.name, len(batch.items), seconds, batch.flush_reason)
+        logger.debug("batching %s: ran a batch of %d in %.1f ms (flush: %s)", self.settings.name, len(batch.items),
+                     seconds * 1000, batch.flush_reason)
         if not race.win():
             logger.warning("batching %s: an abandoned run_batch call returned after its hard time limit; "
                            "its results were discarded", self.settings.name)

@@ -6,11 +6,14 @@
 -- KEYS[4]  dead-letter list
 -- KEYS[5]  stats hash (field "size:<n>" counts batches of n requests)
 -- KEYS[6]  deliveries hash
+-- KEYS[7]  flush-reason counts of the current minute (hash: reason -> batches), kept for a few minutes
 -- ARGV[1]  claim id (the owner's token)
 -- ARGV[2]  size of the batch that ran (0: none ran)
 -- ARGV[3]  D, the number of delayed messages that follow as ETA, raw pairs
 -- ARGV[4]  queue name, for dead-letter entries
--- ARGV[5 …] D × (ETA, raw), then (reason, raw) pairs to dead-letter (stamped with Redis's TIME)
+-- ARGV[5]  why the batch was flushed ("count", "max_delay", ...), counted with its size
+-- ARGV[6]  seconds the flush-reason counts are kept
+-- ARGV[7 …] D × (ETA, raw), then (reason, raw) pairs to dead-letter (stamped with Redis's TIME)
 --
 -- Guarantees: only the claim's owner finishes it, and everything happens or nothing does. If the claim is gone
 -- (its lease ran out and another consumer re-queued it), nothing is written: the messages are back in the queue
@@ -29,7 +32,7 @@ if redis.call('EXISTS', KEYS[6]) == 1 then
   end
 end
 local d = tonumber(ARGV[3])
-local i = 5
+local i = 7
 for _ = 1, d do
   redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -46,6 +49,10 @@ end
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[5], 'size:' .. ARGV[2], 1)
   redis.call('HINCRBY', KEYS[5], 'requests', ARGV[2])
+  -- Per batch, never per item: one field of a key per minute that expires by itself, so the recent window needs
+  -- no trimming.
+  redis.call('HINCRBY', KEYS[7], ARGV[5], 1)
+  redis.call('EXPIRE', KEYS[7], ARGV[6])
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])

@@ -3,10 +3,12 @@
 -- KEYS[1]  claims sorted set (claim id -> lease deadline)
 -- KEYS[2]  consumers sorted set (consumer id -> last heartbeat)
 -- KEYS[3]  the queue's epoch marker
+-- KEYS[4]  tuning hash (consumer id -> JSON of the batching values it uses)
 -- ARGV[1]  lease in seconds
 -- ARGV[2]  consumer id
 -- ARGV[3]  a fresh epoch id, set if the marker is gone
--- ARGV[4…] this consumer's claim ids
+-- ARGV[4]  JSON of the batching values this consumer uses now
+-- ARGV[5…] this consumer's claim ids
 --
 -- Guarantees: a claim that was already recovered (no longer in KEYS[1]) is never re-created (ZADD XX), and every
 -- deadline is Redis's TIME plus the lease, whatever the consumer's own clock says.
@@ -18,12 +20,17 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local deadline = now + tonumber(ARGV[1])
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
 end
 redis.call('ZADD', KEYS[2], now, ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
 -- Consumers gone for ten leases (killed, never said goodbye) leave the list, so it does not grow without end.
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 10 * tonumber(ARGV[1]))
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - 10 * tonumber(ARGV[1]))
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 10 * tonumber(ARGV[1]))
+  redis.call('HDEL', KEYS[4], unpack(gone))
+end
 local lost = 0
 if redis.call('SET', KEYS[3], ARGV[3], 'NX') then
   lost = 1
