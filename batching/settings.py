@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cost import CostSpec
 from .errors import ConfigurationError
 from .merge import CallSpec
 from .policy import FlushPolicy
@@ -43,7 +44,8 @@ CELERY_TASK_OPTIONS = frozenset({
 })
 #: ``@batched``'s own options.
 BATCHING_OPTIONS = ("name", "batch_size", "max_delay", "queue", "lease_s", "max_deliveries", "max_message_bytes",
-                    "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout")
+                    "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout",
+                    "cost", "max_batch_cost", "padded", "bucket")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class BatchSettings:
     #: acknowledged it, at most ``wait_timeout`` seconds, else ``NotReplicated``. 0: asynchronous replication.
     wait_replicas: int = 0
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S
+    #: Cost budget and bucketing (``cost=``, ``max_batch_cost=``, ``padded=``, ``bucket=``); None: batches are
+    #: formed by count and time only, and a send computes nothing.
+    cost: CostSpec | None = None
     # The Celery options the consumer acts on, as the worker resolves them from the task (app defaults included).
     ignore_result: bool = False
     time_limit: float | None = None

@@ -21,6 +21,7 @@ from celery.utils.time import rate
 from kombu.exceptions import OperationalError
 
 from . import routing
+from .cost import COST_HEADER, CostSpec
 from .errors import BrokerOutOfMemory, ConfigurationError, UnbatchedCallError
 from .merge import CallSpec, execute
 from .model import ModelHandle
@@ -76,6 +77,10 @@ class BatchedTask(Task):
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
+        if self.batching.cost is not None:
+            # Computed here, in the client, so the consumer packs batches from the headers alone; a request that
+            # could never fit raises CostTooLarge before anything is sent.
+            options["headers"][COST_HEADER] = self.batching.cost.of(bound)
         try:
             settings = self.batching
             if (settings.max_queue_size is None and not settings.wait_replicas) or self.app.conf.task_always_eager:
@@ -164,6 +169,10 @@ def batched(
     max_queue_size: int | None = None,
     wait_replicas: int = 0,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S,
+    cost: Callable[..., Any] | None = None,
+    max_batch_cost: float | None = None,
+    padded: bool = False,
+    bucket: bool = False,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -185,6 +194,11 @@ def batched(
     ``QueueFull`` in the client, atomically across every client (None: unbounded). ``wait_replicas``: durable
     mode — every send, claim, result write and finish waits up to ``wait_timeout`` seconds for that many Redis
     replicas to acknowledge it (``NotReplicated`` otherwise), so a failover loses no acknowledged request.
+    ``cost``: a function of one request's arguments (by name, defaults applied; it may name only those it needs)
+    returning its cost, a number >= 0, computed in the client at submit. ``max_batch_cost``: no batch costs more;
+    a request costing more raises ``CostTooLarge`` at submit. ``padded``: a batch costs its longest item times its
+    count (a model that pads to the longest input), not the sum. ``bucket``: form each batch from a window of the
+    oldest waiting requests, grouping similar costs; none is held back past ``max_delay`` (which must be > 0).
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -194,6 +208,7 @@ def batched(
         name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
         max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
         max_queue_size=max_queue_size, wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+        cost=cost, max_batch_cost=max_batch_cost, padded=padded, bucket=bucket,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -209,12 +224,14 @@ def batched(
         spec = CallSpec.from_callable(functools.partial(model_class.run, None))
         task_name = name or app.gen_task_name(model_class.__name__, model_class.__module__)
         body, doc, handle = _per_request_stub(model_class), model_class.__doc__, ModelHandle(factory=model)
+    policy = FlushPolicy(batch_size, max_delay)
     settings = BatchSettings(
-        name=task_name, queue=queue or f"batching.{task_name}", spec=spec,
-        policy=FlushPolicy(batch_size, max_delay),
+        name=task_name, queue=queue or f"batching.{task_name}", spec=spec, policy=policy,
         lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
         isolate_errors=isolate_errors, max_queue_size=max_queue_size, wait_replicas=wait_replicas,
         wait_timeout=wait_timeout,
+        cost=CostSpec.build(task_name, cost, spec, max_batch_cost=max_batch_cost, padded=padded, bucket=bucket,
+                            max_delay_s=policy.max_delay_s),
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)

@@ -76,6 +76,7 @@ class QueueStore:
         self._requeue = script(client, "requeue.lua")
         self._requeue_dead = script(client, "requeue_dead.lua")
         self._heartbeat = script(client, "heartbeat.lua")
+        self._carry = script(client, "carry.lua")
         #: Redis's clock minus this host's, in seconds: every time decision is Redis's (see ``now``).
         self.clock_offset_s = 0.0
         #: The queue's epoch as this store last saw it (``join_epoch``, heartbeats).
@@ -176,6 +177,22 @@ class QueueStore:
             self._requeue_claims("release", [into.claim_id])
             raise
         return reply
+
+    def carry(self, source: Claim, into: Claim, raws: list[bytes]) -> int:
+        """Move ``raws`` from ``source`` into ``into`` (both this consumer's claims), keeping them claimed for a later
+        batch; returns how many moved (0: ``source`` was no longer ours, its messages are back in the queue)."""
+        if not raws:
+            return 0
+        k = self.keys
+        moved = int(self._carry(
+            keys=[k.claims, k.claim(source.claim_id), k.claim(into.claim_id)],
+            args=[source.claim_id, into.claim_id, self.lease_s, *raws],
+        ))
+        if moved:
+            gone = set(raws)
+            source.raws[:] = [raw for raw in source.raws if raw not in gone]
+            into.raws.extend(raws)
+        return moved
 
     def abandoned_among(self, task_ids: list[str]) -> set[str]:
         """Those of ``task_ids`` whose caller gave up waiting (one ZMSCORE)."""

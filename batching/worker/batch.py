@@ -59,11 +59,23 @@ def format_traceback(exc: BaseException, returned: bool = False) -> str:
 
 
 @dataclass(slots=True)
+class Planned:
+    """What packing a batch by cost knows of one claimed request (tasks with ``cost=`` only)."""
+
+    raw: bytes
+    cost: float
+    #: When this consumer claimed it (monotonic seconds): bucketing holds nothing back past ``max_delay``.
+    seen_at: float
+
+
+@dataclass(slots=True)
 class Item:
     """One request of a batch that goes to the model, and, once the batch has run, its outcome."""
 
     request: TaskRequest
     outcome: Outcome | None = None
+    #: Set for tasks with ``cost=`` only, so others carry nothing more per item.
+    planned: Planned | None = None
 
 
 @dataclass
@@ -82,6 +94,8 @@ class Batch:
     #: What observability hooks keep between running the batch and settling it (``signals.TaskSignals``); None
     #: when nothing listens, so an unobserved batch carries nothing per item.
     observed: Any = None
+    #: Why the batch was flushed ("cost": the next request would have passed ``max_batch_cost``); None: not said.
+    flush_reason: str | None = None
 
     def outcomes(self) -> list[Outcome]:
         """Every outcome of the batch: those decided without running, then the items' in request order."""
