@@ -13,6 +13,7 @@ import math
 import random
 import threading
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -44,7 +45,12 @@ def _spec(fn=lambda text: len(text), **options) -> CostSpec:
 
 def test_the_cost_function_gets_the_arguments_it_names_with_defaults_applied():
     seen = []
-    spec = _spec(lambda text, scale: seen.append((text, scale)) or len(text) * scale)
+
+    def cost(text, scale):
+        seen.append((text, scale))
+        return len(text) * scale
+
+    spec = _spec(cost)
     assert spec.of({"text": "abc"}) == 6.0
     assert seen == [("abc", 2)]
     every = _spec(lambda **kw: sorted(kw.items()) and kw["scale"])
@@ -71,7 +77,7 @@ def test_cost_options_are_checked_where_the_task_is_defined():
     def model(text):
         return text
 
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(max_batch_cost=10), "need.*cost="),
         (dict(cost=len, bucket=True, max_delay=0), "bucket=True regroups requests within max_delay"),
         (dict(cost=lambda text: 1, max_batch_cost=0), "max_batch_cost must be a positive number"),
@@ -299,3 +305,72 @@ def test_bucketing_groups_short_and_long_and_the_long_one_goes_out_on_time(coste
     assert full_of_short, "the stream should fill batches of short requests"
     for batch in batches:
         assert task.batching.cost.total([len(t.split()) for t in batch]) <= 32
+
+
+# -- the carry: claimed, never lost ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(rclient):
+    from batching.store.keys import QueueKeys
+    from batching.store.queue import QueueStore
+
+    return QueueStore(rclient, QueueKeys(f"test-carry-{random.getrandbits(48):x}"), lease_s=30.0)
+
+
+def _claimed(store, claim) -> list[bytes]:
+    return store.client.lrange(store.keys.claim(claim.claim_id), 0, -1)
+
+
+@pytest.mark.integration
+def test_carry_moves_messages_into_a_second_claim_with_their_lists_and_a_lease(store):
+    msgs = [f"m{i}".encode() for i in range(5)]
+    for raw in msgs:
+        store.client.lpush(store.keys.main, raw)
+    batch = store.new_claim()
+    assert store.claim(batch, 5) == 5
+    carry = store.new_claim()
+    assert store.carry(batch, carry, [msgs[2], msgs[4]]) == 2
+    main = store.keys.main.encode()
+    assert _claimed(store, batch) == [main, msgs[0], main, msgs[1], main, msgs[3]]
+    assert _claimed(store, carry) == [main, msgs[2], main, msgs[4]]
+    assert (batch.raws, carry.raws) == ([msgs[0], msgs[1], msgs[3]], [msgs[2], msgs[4]])
+    assert store.client.zscore(store.keys.claims, carry.claim_id) > time.time() + 20
+    # Given back (carry first, as the fetch thread does at shutdown), everything is queued again, once each.
+    assert store.release([carry.claim_id, batch.claim_id]) == 5
+    assert store.client.lrange(store.keys.main, 0, -1)[::-1] == [msgs[0], msgs[1], msgs[3], msgs[2], msgs[4]]
+    assert store.client.zcard(store.keys.claims) == 0
+
+
+@pytest.mark.integration
+def test_carry_moves_nothing_out_of_a_claim_that_is_no_longer_ours(store):
+    store.client.lpush(store.keys.main, b"a", b"b")
+    batch = store.new_claim()
+    store.claim(batch, 2)
+    store.client.zadd(store.keys.claims, {batch.claim_id: time.time() - 1}, xx=True)
+    assert store.recover() == (2, [])
+    carry = store.new_claim()
+    assert store.carry(batch, carry, [b"a"]) == 0
+    assert not store.client.exists(store.keys.claim(carry.claim_id))
+    assert store.client.zscore(store.keys.claims, carry.claim_id) is None
+    assert sorted(store.client.lrange(store.keys.main, 0, -1)) == [b"a", b"b"]
+
+
+@pytest.mark.integration
+def test_a_warm_shutdown_gives_carried_requests_back_in_order(costed, start_worker, rclient):
+    task = costed.slow
+    for key in (costed.SLOW_STARTED, "cost:batches:cost.slow", task.batching.queue):
+        rclient.delete(key)
+    texts = [f"t{i}" for i in range(12)]
+    results = task.submit_many([{"text": t} for t in texts])
+    worker = start_worker("tests.apps.costed", "--pool", "solo").ready()
+    wait_until(lambda: rclient.exists(costed.SLOW_STARTED), 30, "the first batch to start", detail=worker.output)
+    time.sleep(0.3)  # the next batch is formed and waits for the model, its overflow carried
+    assert worker.stop() == 0
+    assert _batches(rclient, "cost.slow") == [texts[:3]]  # the budget (3) ended it, not batch_size (4)
+    assert [r.get(timeout=10) for r in results[:3]] == [1, 1, 1]
+    assert {r.state for r in results[3:]} == {states.PENDING}
+    left = [orjson.loads(raw) for raw in rclient.lrange(task.batching.queue, 0, -1)[::-1]]
+    assert [m["headers"]["id"] for m in left] == [r.id for r in results[3:]]  # all back, oldest first
+    assert rclient.zcard(f"batching:claims:{task.batching.queue}") == 0
+    assert "gave 3 unstarted message(s) back" in worker.output() and "gave 1 unstarted" in worker.output()

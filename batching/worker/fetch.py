@@ -73,11 +73,13 @@ class FetchThread:
             except Stopped:
                 break
         with self._slot_changed:
-            if self._slot is not None:
-                self._release(self._slot)
+            # The carry first: each release puts its messages at the front of the queue, and the slot's batch holds
+            # the older requests, so they end up in front, served first again.
             if self._carry is not None:
                 self._release(self._carry)
                 self._carry = None
+            if self._slot is not None:
+                self._release(self._slot)
             self._slot = STOP
             self._slot_changed.notify_all()
 

@@ -69,3 +69,15 @@ def bucketed(text):
     _record("cost.bucketed", text)
     time.sleep(BUCKET_BATCH_S)
     return [words(t) for t in text]
+
+
+#: Set by the test once it has seen the first slow batch start.
+SLOW_STARTED = "cost:slow:started"
+
+
+@batched(app, name="cost.slow", batch_size=4, max_delay=0.05, cost=words, max_batch_cost=3)
+def slow(text):
+    _record("cost.slow", text)
+    R.set(SLOW_STARTED, 1)
+    time.sleep(1.0)
+    return [words(t) for t in text]
