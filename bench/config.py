@@ -22,6 +22,11 @@ _RESULT_EXTENDED = "BENCH_RESULT_EXTENDED"
 _RECORD = "BENCH_RECORD"
 #: Set to 1 (in the environment of `python -m bench`) to run ours' worker instrumented with OpenTelemetry.
 _OTEL = "BENCH_OTEL"
+#: The mix benchmark (`bench.mix`): which batching its worker runs, and the padded word budget of a batch.
+MIX_MODE_ENV, MIX_BUDGET_ENV = "BENCH_MIX_MODE", "BENCH_MIX_BUDGET"
+MIX_MODES = ("fifo", "budget", "bucket")
+#: Hash of counters the mix worker's model keeps: items, batches, real tokens, padded tokens.
+MIX_TOKENS = "bench:mix:tokens"
 
 
 @dataclass(frozen=True, kw_only=True)

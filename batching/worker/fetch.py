@@ -24,7 +24,7 @@ from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
 from ..store.queue import QueueStore
 from . import control
 from .batch import Batch
-from .packing import BUCKET_WINDOW, bucketed, in_order
+from .packing import BUCKET_WINDOW, Pick, bucketed, in_order
 from .triage import Rules, triage
 from .tunables import FORM_POLL_S, IDLE_POLL_S, TOPUP_MAX_S, TOPUP_MIN_S
 
@@ -124,7 +124,7 @@ class FetchThread:
             now = time.monotonic()
             if self.settings.cost is None:
                 wait = policy.wait_s(now, oldest, len(batch.claim))
-            elif batch.items and self._packed_full(batch, now):
+            elif batch.items and self._packed_full(batch):
                 wait = None
             else:  # not full by count nor by budget: wait for more, up to max_delay after the oldest request
                 wait = policy.wait_s(now, oldest, min(len(batch.claim), policy.batch_size - 1))
@@ -197,50 +197,45 @@ class FetchThread:
                 poll = TOPUP_MIN_S if taken else min(poll * 2, TOPUP_MAX_S)
                 self._slot_changed.wait(poll)
 
-    def _packed_full(self, batch: Batch, now: float) -> bool:
-        """Whether the forming batch of a task with ``cost=`` is full: by count, or by its budget."""
+    def _pick(self, batch: Batch, bucket: bool) -> Pick:
+        """Which of the batch's requests run now, by the task's cost budget (and bucket)."""
         cost = self.settings.cost
         assert cost is not None
-        costs = [item.planned.cost if item.planned else 0.0 for item in batch.items]
+        planned = [item.planned for item in batch.items]
+        assert all(p is not None for p in planned), "a task with cost= plans every request it runs (triage)"
+        costs = [p.cost for p in planned if p is not None]
         policy = self.settings.policy
-        if cost.bucket:
-            seen = [item.planned.seen_at if item.planned else now for item in batch.items]
-            return bucketed(costs, seen, now, cost, policy.batch_size, policy.max_delay_s).full
-        return in_order(costs, cost, policy.batch_size).full
+        if bucket:
+            seen = [p.seen_at for p in planned if p is not None]
+            return bucketed(costs, seen, time.monotonic(), cost, policy.batch_size, policy.max_delay_s)
+        return in_order(costs, cost, policy.batch_size)
+
+    def _packed_full(self, batch: Batch) -> bool:
+        """Whether the forming batch of a task with ``cost=`` is full: by count, or by its budget."""
+        return self._pick(batch, bucket=bool(self.settings.cost and self.settings.cost.bucket)).full
 
     def _pack(self, batch: Batch, *, bucket: bool) -> None:
-        """Keep in ``batch`` what runs now; move the rest into the carry, claimed for the next batch."""
-        cost = self.settings.cost
-        assert cost is not None
-        items = batch.items
-        if not items:
+        """Keep in ``batch`` what runs now; move the rest into a new carry, claimed for the next batch."""
+        if not batch.items:
             return
-        policy = self.settings.policy
-        costs = [item.planned.cost if item.planned else 0.0 for item in items]
-        if bucket:
-            now = time.monotonic()
-            seen = [item.planned.seen_at if item.planned else now for item in items]
-            pick = bucketed(costs, seen, now, cost, policy.batch_size, policy.max_delay_s)
-        else:
-            pick = in_order(costs, cost, policy.batch_size)
-        if pick.by_cost and len(pick.chosen) < policy.batch_size:
+        pick = self._pick(batch, bucket)
+        if pick.by_cost and len(pick.chosen) < self.settings.policy.batch_size:
             batch.flush_reason = "cost"
+        items = batch.items
         if len(pick.chosen) == len(items):
             return
+        assert self._carry is None, "one carry at a time: the next batch starts from it"
         chosen = set(pick.chosen)
         leaving = [item for i, item in enumerate(items) if i not in chosen]
         store = self._require_store()
-        carry = self._carry
-        if carry is None:
-            carry = Batch(store.new_claim(), claimed_at=batch.claimed_at)
-            # Messages redelivered after a crash stay on their own, as claim.lua hands them out.
-            carry.claim.redelivered = batch.claim.redelivered
-            self._track(carry)
+        carry = Batch(store.new_claim(), claimed_at=batch.claimed_at)
+        # Messages redelivered after a crash stay on their own, as claim.lua hands them out.
+        carry.claim.redelivered = batch.claim.redelivered
+        self._track(carry)
         try:
             moved = store.carry(batch.claim, carry.claim, [item.planned.raw for item in leaving if item.planned])
         except BaseException:
             self._untrack(carry)  # the move may have happened: the carry's lease brings its messages back
-            self._carry = None
             raise
         batch.items[:] = [items[i] for i in pick.chosen]
         ids = {item.request.id for item in leaving}
@@ -252,9 +247,7 @@ class FetchThread:
             self._carry = carry
         else:
             # Our claim was taken over (its lease ran out): those requests are back in the queue, not ours.
-            carry.items.clear()
             self._untrack(carry)
-            self._carry = None
 
     def _release(self, batch: Batch) -> None:
         """Give a batch that never started back to the front of its queue."""
