@@ -363,7 +363,7 @@ def test_a_warm_shutdown_gives_carried_requests_back_in_order(costed, start_work
         rclient.delete(key)
     texts = [f"t{i}" for i in range(12)]
     results = task.submit_many([{"text": t} for t in texts])
-    worker = start_worker("tests.apps.costed", "--pool", "solo").ready()
+    worker = start_worker("tests.apps.costed:slow_app", "--pool", "solo").ready()
     wait_until(lambda: rclient.exists(costed.SLOW_STARTED), 30, "the first batch to start", detail=worker.output)
     time.sleep(0.3)  # the next batch is formed and waits for the model, its overflow carried
     assert worker.stop() == 0

@@ -71,11 +71,15 @@ def bucketed(text):
     return [words(t) for t in text]
 
 
-#: Set by the test once it has seen the first slow batch start.
+#: Set by the model once the first slow batch has started.
 SLOW_STARTED = "cost:slow:started"
+#: An app of its own (``celery -A tests.apps.costed:slow_app``) and a task not shared with ``app`` (Celery shares
+#: tasks with every app by default), so the worker the other tests share never takes its requests.
+slow_app = Celery("costed-slow", broker=URL, backend=URL)
+slow_app.conf.update(result_expires=600, broker_connection_retry_on_startup=True)
 
 
-@batched(app, name="cost.slow", batch_size=4, max_delay=0.05, cost=words, max_batch_cost=3)
+@batched(slow_app, name="cost.slow", batch_size=4, max_delay=0.05, cost=words, max_batch_cost=3, shared=False)
 def slow(text):
     _record("cost.slow", text)
     R.set(SLOW_STARTED, 1)
