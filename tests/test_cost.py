@@ -374,3 +374,30 @@ def test_a_warm_shutdown_gives_carried_requests_back_in_order(costed, start_work
     assert [m["headers"]["id"] for m in left] == [r.id for r in results[3:]]  # all back, oldest first
     assert rclient.zcard(f"batching:claims:{task.batching.queue}") == 0
     assert "gave 3 unstarted message(s) back" in worker.output() and "gave 1 unstarted" in worker.output()
+
+
+@pytest.mark.integration
+def test_in_durable_mode_a_carry_counts_only_once_the_replica_has_it(tmp_path):
+    import signal
+
+    from batching import NotReplicated
+    from batching.store.keys import QueueKeys
+    from batching.store.queue import QueueStore
+    from batching.store.replication import Replicas
+    from tests.replicas import replicated_redis
+
+    with replicated_redis(tmp_path) as topo:
+        store = QueueStore(topo.client("master"), QueueKeys("durable-carry"), lease_s=30.0,
+                           replicas=Replicas(1, 0.5))
+        store.client.lpush(store.keys.main, b"a", b"b", b"c")
+        batch = store.new_claim()
+        assert store.claim(batch, 3) == 3
+        carry = store.new_claim()
+        assert store.carry(batch, carry, [b"b"]) == 1
+        assert topo.client("replica").lrange(store.keys.claim(carry.claim_id), 1, 1) == [b"b"]
+        topo.signal("replica", signal.SIGSTOP)  # it stops acknowledging
+        try:
+            with pytest.raises(NotReplicated, match="a carried claim of 'durable-carry'"):
+                store.carry(batch, store.new_claim(), [b"c"])
+        finally:
+            topo.signal("replica", signal.SIGCONT)

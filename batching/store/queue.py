@@ -180,14 +180,23 @@ class QueueStore:
 
     def carry(self, source: Claim, into: Claim, raws: list[bytes]) -> int:
         """Move ``raws`` from ``source`` into ``into`` (both this consumer's claims), keeping them claimed for a later
-        batch; returns how many moved (0: ``source`` was no longer ours, its messages are back in the queue)."""
+        batch; returns how many moved (0: ``source`` was no longer ours, its messages are back in the queue).
+
+        In durable mode the move is confirmed by replicas like a claim: a replica promoted without it would still
+        list the moved messages in ``source``, whose finish would then drop them unrun. Unconfirmed, it raises
+        ``NotReplicated`` and the caller drops both claims unrun, for their leases to bring everything back.
+        """
         if not raws:
             return 0
         k = self.keys
-        moved = int(self._carry(
-            keys=[k.claims, k.claim(source.claim_id), k.claim(into.claim_id)],
-            args=[source.claim_id, into.claim_id, self.lease_s, *raws],
-        ))
+        keys = [k.claims, k.claim(source.claim_id), k.claim(into.claim_id)]
+        args = [source.claim_id, into.claim_id, self.lease_s, *raws]
+        if self.replicas:
+            (reply,) = self.replicas.run(self.client, lambda pipe: self._carry(keys=keys, args=args, client=pipe),
+                                         f"a carried claim of {self.keys.queue!r}")
+        else:
+            reply = self._carry(keys=keys, args=args)
+        moved = int(reply)
         if moved:
             gone = set(raws)
             source.raws[:] = [raw for raw in source.raws if raw not in gone]
