@@ -45,7 +45,12 @@ class MixConfig:
 
 def run_mix(cfg: MixConfig, url: str) -> dict[str, Any]:
     client = redis.Redis.from_url(url)
-    sessions = [session(cfg, url, client, mode, run) for run in range(cfg.runs) for mode in MODES]
+    sessions: list[dict[str, Any]] = []
+    for run in range(cfg.runs):
+        for mode in MODES:
+            sessions.append(session(cfg, url, client, mode, run))
+            # Kept as they come: an interrupted run still leaves the sessions it measured.
+            (cfg.out / "mix-sessions.json").write_text(json.dumps(sessions, indent=2))
     summary = {mode: summarize([s for s in sessions if s["mode"] == mode]) for mode in MODES}
     fifo = summary["fifo"]
     for mode in MODES:
