@@ -9,6 +9,8 @@
     │   └── NotReplicated         (``wait_replicas``) a write was not acknowledged by enough replicas in time
     ├── ResultBackendError        ``batching.aio`` cannot wait on this result backend (not Redis)
     ├── QueueFull                 a send would leave more than ``max_queue_size`` requests waiting; nothing stored
+    ├── CostError                 (also ValueError) a request's ``cost=`` function raised or returned no usable cost
+    │   └── CostTooLarge          a request costs more than ``max_batch_cost``: no batch could ever hold it
     ├── MessageError              a queued message that cannot become a request (stored as the task's FAILURE)
     │   └── ContentDisallowed     its serializer is not in ``accept_content``
     ├── MissingArgumentError      (also ValueError, TypeError) a request lacks required arguments; fails alone
@@ -72,6 +74,25 @@ class QueueFull(BatchingError):
         super().__init__(message)
         self.depth = depth
         self.retry_after = retry_after
+        self.limit = limit
+
+
+class CostError(BatchingError, ValueError):
+    """A request's cost could not be used: the task's ``cost=`` function raised, or returned something that is not
+    a finite number >= 0. Raised in the client at submit; stored as the task's FAILURE for a message sent by name."""
+
+
+class CostTooLarge(CostError):
+    """A request costs more than the task's ``max_batch_cost``: no batch could ever hold it, so it never runs.
+
+    Raised in the client at submit and nothing is sent; a message sent by name ends FAILURE with it at once (it
+    is never put back, so it cannot loop). ``cost`` and ``limit`` are the request's cost and ``max_batch_cost``
+    (in the client; a stored error keeps only its message, which names both).
+    """
+
+    def __init__(self, message: str, cost: float = 0.0, limit: float = 0.0) -> None:
+        super().__init__(message)
+        self.cost = cost
         self.limit = limit
 
 

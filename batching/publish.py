@@ -30,6 +30,7 @@ from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
+from .cost import COST_HEADER
 from .errors import ConfigurationError, QueueFull
 from .store.keys import QueueKeys
 from .store.lua import source
@@ -116,9 +117,13 @@ def build(
         create_sent_event=sent_event, **repr_kwargs,
     )
     headers, properties, body = message.headers, message.properties, message.body
-    if getattr(task, "batching", None) is not None:
-        # BatchedTask.apply_async adds it: when the request was sent, for queue-wait metrics and the oldest age.
+    batching = getattr(task, "batching", None)
+    if batching is not None:
+        # BatchedTask.apply_async adds them: when the request was sent, for queue-wait metrics and the oldest age;
+        # its cost, for packing batches from the headers (CostError / CostTooLarge before anything is sent).
         headers["sent_at"] = time.time()
+        if batching.cost is not None:
+            headers[COST_HEADER] = batching.cost.of(kwargs)
     if add_headers is not None:
         add_headers(headers)
     signals.before_task_publish.send(

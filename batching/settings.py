@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cost import CostSpec
 from .errors import ConfigurationError
 from .merge import CallSpec
 from .policy import FlushPolicy
@@ -47,7 +48,7 @@ CELERY_TASK_OPTIONS = frozenset({
 #: ``@batched``'s own options.
 BATCHING_OPTIONS = ("name", "batch_size", "max_delay", "queue", "lease_s", "max_deliveries", "max_message_bytes",
                     "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout", "instances",
-                    "max_tasks_per_instance", "max_memory_per_instance")
+                    "max_tasks_per_instance", "max_memory_per_instance", "cost", "max_batch_cost", "padded", "bucket")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ class BatchSettings:
     #: Resident memory, in KiB, above which an instance process is replaced after its batch (Celery's
     #: ``max_memory_per_child``, same unit).
     max_memory_per_instance: int | None = None
+    #: Cost budget and bucketing (``cost=``, ``max_batch_cost=``, ``padded=``, ``bucket=``); None: batches are
+    #: formed by count and time only, and a send computes nothing.
+    cost: CostSpec | None = None
     # The Celery options the consumer acts on, as the worker resolves them from the task (app defaults included).
     ignore_result: bool = False
     time_limit: float | None = None

@@ -22,6 +22,7 @@ from celery.utils.time import rate
 from kombu.exceptions import OperationalError
 
 from . import routing, tuning
+from .cost import COST_HEADER, CostSpec
 from .errors import BrokerOutOfMemory, ConfigurationError, UnbatchedCallError
 from .merge import CallSpec, execute
 from .model import ModelHandle
@@ -84,6 +85,10 @@ class BatchedTask(Task):
         bound = self.batching.spec.bind(tuple(args or ()), dict(kwargs or {}))
         # When it was sent, for queue-wait metrics and the age of the oldest message (Celery's headers lack it).
         options["headers"] = {"sent_at": time.time(), **(options.get("headers") or {})}
+        if self.batching.cost is not None:
+            # Computed here, in the client, so the consumer packs batches from the headers alone; a request that
+            # could never fit raises CostTooLarge before anything is sent.
+            options["headers"][COST_HEADER] = self.batching.cost.of(bound)
         try:
             settings = self.batching
             if (settings.max_queue_size is None and not settings.wait_replicas) or self.app.conf.task_always_eager:
@@ -175,6 +180,10 @@ def batched(
     instances: int = DEFAULT_INSTANCES,
     max_tasks_per_instance: int | None = None,
     max_memory_per_instance: int | None = None,
+    cost: Callable[..., Any] | None = None,
+    max_batch_cost: float | None = None,
+    padded: bool = False,
+    bucket: bool = False,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -200,6 +209,11 @@ def batched(
     supervised and restarted by it. ``max_tasks_per_instance`` / ``max_memory_per_instance`` (KiB): replace an
     instance process after that many requests, or once its resident memory exceeds that (as Celery's
     ``max_tasks_per_child`` / ``max_memory_per_child``); either one also puts a single instance in a process.
+    ``cost``: a function of one request's arguments (by name, defaults applied; it may name only those it needs)
+    returning its cost, a number >= 0, computed in the client at submit. ``max_batch_cost``: no batch costs more;
+    a request costing more raises ``CostTooLarge`` at submit. ``padded``: a batch costs its longest item times its
+    count (a model that pads to the longest input), not the sum. ``bucket``: form each batch from a window of the
+    oldest waiting requests, grouping similar costs; none is held back past ``max_delay`` (which must be > 0).
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -211,6 +225,7 @@ def batched(
         max_queue_size=max_queue_size, wait_replicas=wait_replicas, wait_timeout=wait_timeout,
         instances=instances, max_tasks_per_instance=max_tasks_per_instance,
         max_memory_per_instance=max_memory_per_instance,
+        cost=cost, max_batch_cost=max_batch_cost, padded=padded, bucket=bucket,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -226,13 +241,15 @@ def batched(
         spec = CallSpec.from_callable(functools.partial(model_class.run, None))
         task_name = name or app.gen_task_name(model_class.__name__, model_class.__module__)
         body, doc, handle = _per_request_stub(model_class), model_class.__doc__, ModelHandle(factory=model)
+    policy = FlushPolicy(batch_size, max_delay)
     settings = BatchSettings(
-        name=task_name, queue=queue or f"batching.{task_name}", spec=spec,
-        policy=FlushPolicy(batch_size, max_delay),
+        name=task_name, queue=queue or f"batching.{task_name}", spec=spec, policy=policy,
         lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
         isolate_errors=isolate_errors, max_queue_size=max_queue_size, wait_replicas=wait_replicas,
         wait_timeout=wait_timeout, instances=instances,
         max_tasks_per_instance=max_tasks_per_instance, max_memory_per_instance=max_memory_per_instance,
+        cost=CostSpec.build(task_name, cost, spec, max_batch_cost=max_batch_cost, padded=padded, bucket=bucket,
+                            max_delay_s=policy.max_delay_s),
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)

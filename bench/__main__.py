@@ -94,6 +94,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 1 run, 2 s latency, small sweeps")
     parser.add_argument(
+        "--mix",
+        action="store_true",
+        help="with --models embed: count-only batches vs a token budget vs a budget with bucketing, on a fixed 80 %% "
+        "short / 20 %% long mix of texts (bench/mix.py); try --n 600 --runs 1 --batch-size 32",
+    )
+    parser.add_argument("--mix-budget", type=float, default=512.0, help="--mix: words per batch, padded (default 512)")
+    parser.add_argument("--mix-rate", type=float, default=10.0, help="--mix: offered load of the latency stream, req/s")
+    parser.add_argument("--mix-duration", type=float, default=20.0, help="--mix: seconds of that stream (default 20)")
+    parser.add_argument(
+        "--mix-max-delay", type=float, default=0.05, help="--mix: every mode's max_delay, seconds (default 0.05)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent / "out",
@@ -112,6 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         or args.rate <= 0
     ):
         parser.error("need --n >= 2, --runs >= 1, --batch-size >= 1, --max-delay >= 0 and --rate > 0")
+    if args.mix and (args.models != ["embed"] or args.mix_budget <= 0 or args.mix_rate <= 0
+                     or args.mix_max_delay <= 0):
+        parser.error("--mix runs the embed model only (--models embed), with --mix-budget, --mix-rate and "
+                     "--mix-max-delay > 0")
     return args
 
 
@@ -120,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     console = session.console()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.mix:
+        return run_mix(args, out, console)
     systems: list[str] = list(args.systems)
     skipped: dict[str, str] = {}
     if "ours" in systems:
@@ -168,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     figure = report.plot(results, cfg, out)
     console.print(f"plot: {figure}" if figure else "plot skipped: matplotlib is not installed")
     console.print(f"total {results['elapsed_s']:.0f} s")
+    return 0
+
+
+def run_mix(args: argparse.Namespace, out: Path, console: Any) -> int:
+    from bench import mix
+
+    cfg = mix.MixConfig(
+        n=args.n, runs=args.runs, batch_size=args.batch_size, max_delay_s=args.mix_max_delay, budget=args.mix_budget,
+        rate=args.mix_rate, duration_s=args.mix_duration, out=out, python=args.python,
+    )
+    results, code = session.on_private_redis("mix benchmark", out, console, lambda url: mix.run_mix(cfg, url))
+    if results is None:
+        return code
+    mix.print_table(results, console)
+    console.print(f"raw results: {mix.write_json(results, out)}")
     return 0
 
 

@@ -24,6 +24,11 @@ _RECORD = "BENCH_RECORD"
 _OTEL = "BENCH_OTEL"
 #: Ours' `instances`: model instance processes per worker.
 _INSTANCES = "BENCH_INSTANCES"
+#: The mix benchmark (`bench.mix`): which batching its worker runs, and the padded word budget of a batch.
+MIX_MODE_ENV, MIX_BUDGET_ENV = "BENCH_MIX_MODE", "BENCH_MIX_BUDGET"
+MIX_MODES = ("fifo", "budget", "bucket")
+#: Hash of counters the mix worker's model keeps: items, batches, real tokens, padded tokens.
+MIX_TOKENS = "bench:mix:tokens"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,21 @@ def sentence(i: int) -> str:
     verb = _VERBS[(i // len(_SUBJECTS)) % len(_VERBS)]
     obj = _OBJECTS[(i // 7) % len(_OBJECTS)]
     return f"{subject} {verb} {obj} on order {i}."
+
+
+#: The seed of `mix_text`'s mix: the same texts for every run and every mode.
+MIX_SEED = 12
+#: Share of long texts in the mix.
+MIX_LONG_SHARE = 0.2
+#: Sentences in a long text of the mix (about 150 words, 190 tokens: under the model's 256-token window).
+MIX_LONG_SENTENCES = 15
+
+
+def mix_text(i: int) -> str:
+    """Text `i` of a fixed mix: 80 % one short sentence (about 10 words), 20 % fifteen of them, by a seeded draw."""
+    if random.Random(MIX_SEED * 1_000_003 + i).random() < MIX_LONG_SHARE:
+        return " ".join(sentence(i * MIX_LONG_SENTENCES + k) for k in range(MIX_LONG_SENTENCES))
+    return sentence(i)
 
 
 @functools.cache

@@ -26,7 +26,7 @@ PACKAGE = ROOT / "batching"
 
 #: What each layer may import of the library (besides itself). Shared pure code is the root's plain modules.
 SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.settings", "batching.model",
-          "batching.codec", "batching.signals", "batching.tuning"}
+          "batching.codec", "batching.signals", "batching.tuning", "batching.cost"}
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,
@@ -151,8 +151,9 @@ def test_a_client_that_defines_and_calls_tasks_never_imports_the_worker(redis_ur
 def test_public_surface_is_pinned() -> None:
     assert sorted(batching.__all__) == [
         "BatchResultError", "BatchSettings", "BatchedTask", "Batcher", "BatcherStopped", "BatchingError",
-        "BrokerError", "BrokerOutOfMemory", "ConfigurationError", "ContentDisallowed", "DeadLetter", "MessageError",
-        "MissingArgumentError", "NotReplicated", "QueueFull", "QueueStatus", "RequestAbandoned", "ResultBackendError",
+        "BrokerError", "BrokerOutOfMemory", "ConfigurationError", "ContentDisallowed", "CostError",
+        "CostTooLarge", "DeadLetter", "MessageError", "MissingArgumentError", "NotReplicated", "QueueFull",
+        "QueueStatus", "RequestAbandoned", "ResultBackendError",
         "ResultEncodeError", "UnbatchedCallError", "UnexpectedArgumentError", "__version__", "aio", "batched",
         "gather", "list_dead", "purge_dead", "queue_status", "requeue_dead", "shared_batched", "submit_many",
     ]

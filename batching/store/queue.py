@@ -78,6 +78,7 @@ class QueueStore:
         self._requeue = script(client, "requeue.lua")
         self._requeue_dead = script(client, "requeue_dead.lua")
         self._heartbeat = script(client, "heartbeat.lua")
+        self._carry = script(client, "carry.lua")
         #: Redis's clock minus this host's, in seconds: every time decision is Redis's (see ``now``).
         self.clock_offset_s = 0.0
         #: The queue's epoch as this store last saw it (``join_epoch``, heartbeats).
@@ -178,6 +179,31 @@ class QueueStore:
             self._requeue_claims("release", [into.claim_id])
             raise
         return reply
+
+    def carry(self, source: Claim, into: Claim, raws: list[bytes]) -> int:
+        """Move ``raws`` from ``source`` into ``into`` (both this consumer's claims), keeping them claimed for a later
+        batch; returns how many moved (0: ``source`` was no longer ours, its messages are back in the queue).
+
+        In durable mode the move is confirmed by replicas like a claim: a replica promoted without it would still
+        list the moved messages in ``source``, whose finish would then drop them unrun. Unconfirmed, it raises
+        ``NotReplicated`` and the caller drops both claims unrun, for their leases to bring everything back.
+        """
+        if not raws:
+            return 0
+        k = self.keys
+        keys = [k.claims, k.claim(source.claim_id), k.claim(into.claim_id)]
+        args = [source.claim_id, into.claim_id, self.lease_s, *raws]
+        if self.replicas:
+            (reply,) = self.replicas.run(self.client, lambda pipe: self._carry(keys=keys, args=args, client=pipe),
+                                         f"a carried claim of {self.keys.queue!r}")
+        else:
+            reply = self._carry(keys=keys, args=args)
+        moved = int(reply)
+        if moved:
+            gone = set(raws)
+            source.raws[:] = [raw for raw in source.raws if raw not in gone]
+            into.raws.extend(raws)
+        return moved
 
     def abandoned_among(self, task_ids: list[str]) -> set[str]:
         """Those of ``task_ids`` whose caller gave up waiting (one ZMSCORE)."""

@@ -59,11 +59,23 @@ def format_traceback(exc: BaseException, returned: bool = False) -> str:
 
 
 @dataclass(slots=True)
+class Planned:
+    """What packing a batch by cost knows of one claimed request (tasks with ``cost=`` only)."""
+
+    raw: bytes
+    cost: float
+    #: When this consumer claimed it (monotonic seconds): bucketing holds nothing back past ``max_delay``.
+    seen_at: float
+
+
+@dataclass(slots=True)
 class Item:
     """One request of a batch that goes to the model, and, once the batch has run, its outcome."""
 
     request: TaskRequest
     outcome: Outcome | None = None
+    #: Set for tasks with ``cost=`` only, so others carry nothing more per item.
+    planned: Planned | None = None
 
 
 @dataclass

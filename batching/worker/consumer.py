@@ -83,6 +83,7 @@ class BatchConsumer(FetchThread):
             max_message_bytes=settings.max_message_bytes,
             hostname=hostname,
             ignore_result=settings.ignore_result,
+            cost=settings.cost,
         )
         self.outage = Outage(settings.name)
         self.store: QueueStore | None = None

@@ -4,6 +4,10 @@ It claims the oldest messages (``store``) and sorts them (``triage``) until the 
 run; while the model is still busy with the previous batch, it keeps topping this one up in the model's one-place
 slot, so batches fill by themselves under load. It holds at most one batch ahead, so other consumers still get
 work. A mixin of ``BatchConsumer``, whose state (store, slot, stop event, claims in hand) it shares.
+
+A task with ``cost=`` has its batches packed (``packing``): what does not fit the batch about to run moves, in one
+script call, into a second claim, the *carry*, which the next batch starts from — still claimed, so nothing is
+lost and nothing is decoded twice.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from celery.worker import state as worker_state
 
-from ..policy import COUNT, SHUTDOWN
+from ..policy import COST, COUNT, SHUTDOWN
 from ..store.outage import REDIS_ERRORS, Outage, Stopped, with_retries
 from ..store.queue import QueueStore
 from . import control
 from .batch import Batch
+from .packing import BUCKET_WINDOW, Pick, bucketed, in_order
 from .triage import Rules, triage
 from .tunables import FORM_POLL_S, IDLE_POLL_S, TOPUP_MAX_S, TOPUP_MIN_S
 
@@ -50,6 +55,8 @@ class FetchThread:
     _slot: Any
     _slot_changed: threading.Condition
     _done: queue.Queue[Any]
+    #: Requests claimed but left out of the batch in hand by its cost budget or bucket: the next batch's start.
+    _carry: Batch | None = None
 
     def _require_store(self) -> QueueStore:
         raise NotImplementedError
@@ -67,6 +74,11 @@ class FetchThread:
             except Stopped:
                 break
         with self._slot_changed:
+            # The carry first: each release puts its messages at the front of the queue, and the slot's batch holds
+            # the older requests, so they end up in front, served first again.
+            if self._carry is not None:
+                self._release(self._carry)
+                self._carry = None
             if self._slot is not None:
                 self._release(self._slot)
             self._slot = STOP
@@ -80,10 +92,15 @@ class FetchThread:
     def collect(self, idle_timeout_s: float = IDLE_POLL_S) -> Batch | None:
         """Claim and triage messages until the flush policy says the batch should run (``None``: stayed empty)."""
         store = self._require_store()
-        batch = Batch(store.new_claim())
-        self._track(batch)
+        batch, self._carry = self._carry, None
+        if batch is None:
+            batch = Batch(store.new_claim())
+            self._track(batch)
         try:
-            return self._collect_into(batch, idle_timeout_s)
+            formed = self._collect_into(batch, idle_timeout_s)
+            if formed is not None and self.settings.cost is not None:
+                self._pack(formed, bucket=self.settings.cost.bucket)
+            return formed
         except BaseException:
             self._abandon_claim(batch)
             raise
@@ -97,15 +114,24 @@ class FetchThread:
 
     def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
         store = self._require_store()
-        oldest: float | None = None
+        policy = self.settings.policy
+        # A batch started from a carry is as old as its oldest request.
+        oldest = batch.items[0].planned.seen_at if batch.items and batch.items[0].planned else None
         idle_until = time.monotonic() + idle_timeout_s
+        window = policy.batch_size * (BUCKET_WINDOW if self.settings.cost and self.settings.cost.bucket else 1)
         while True:
-            if self._top_up(batch) and oldest is None:
+            if self._top_up(batch, window) and oldest is None:
                 oldest = time.monotonic()
             now = time.monotonic()
             policy = self.settings.policy  # read on every round: ``batching_set`` may swap it meanwhile
-            wait = policy.wait_s(now, oldest, len(batch.claim))
+            if self.settings.cost is None:
+                wait = policy.wait_s(now, oldest, len(batch.claim))
+            elif batch.items and self._packed_full(batch):
+                wait = None
+            else:  # not full by count nor by budget: wait for more, up to max_delay after the oldest request
+                wait = policy.wait_s(now, oldest, min(len(batch.claim), policy.batch_size - 1))
             if wait is None:
+                # ``_pack`` says COST where the budget, not the count, ends the batch.
                 batch.flush_reason = batch.flush_reason or policy.reason(len(batch.claim))
                 return batch
             if batch.claim and self._stopping.is_set():
@@ -127,8 +153,8 @@ class FetchThread:
                 timeout = min(timeout, max(batch.claim.next_eta - store.now(), 0.0))
             store.wait(timeout)
 
-    def _top_up(self, batch: Batch) -> int:
-        missing = self.settings.policy.batch_size - len(batch.claim)
+    def _top_up(self, batch: Batch, window: int = 0) -> int:
+        missing = (window or self.settings.policy.batch_size) - len(batch.claim)
         if missing <= 0:
             return 0
         if self.limiter is not None and not (missing := self.limiter.grant(missing)):
@@ -145,7 +171,8 @@ class FetchThread:
             # Abandoned ids are looked up (one ZMSCORE) only while some caller of this queue gave up lately.
             store = self._require_store()
             lookup = store.abandoned_among if claim.abandonments else None
-            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, store.now(), lookup)
+            triage(batch, claim.raws[before:], self.rules, worker_state.revoked, store.now(), lookup,
+                   seen_at=time.monotonic())
             if self.task is not None:
                 control.reserve(self.task, batch, first)
             self.signals.received(batch.items, running)
@@ -170,13 +197,71 @@ class FetchThread:
                     return  # a batch waiting behind a running one: the fetch loop gives it back
                 # Topping up holds the lock for one claim round trip: the model thread may wait that long.
                 try:
-                    taken = self._top_up(batch)
+                    if self.settings.cost is None:
+                        taken = self._top_up(batch)
+                    elif self._carry is None:  # not yet full: what joins it must fit, the rest waits in a carry
+                        if taken := self._top_up(batch):
+                            self._pack(batch, bucket=False)
+                    else:
+                        taken = 0
                 except BaseException:
                     self._slot = None  # never run a batch whose claim may hold messages we did not see
                     self._abandon_claim(batch)
                     raise
                 poll = TOPUP_MIN_S if taken else min(poll * 2, TOPUP_MAX_S)
                 self._slot_changed.wait(poll)
+
+    def _pick(self, batch: Batch, bucket: bool) -> Pick:
+        """Which of the batch's requests run now, by the task's cost budget (and bucket)."""
+        cost = self.settings.cost
+        assert cost is not None
+        planned = [item.planned for item in batch.items]
+        assert all(p is not None for p in planned), "a task with cost= plans every request it runs (triage)"
+        costs = [p.cost for p in planned if p is not None]
+        policy = self.settings.policy
+        if bucket:
+            seen = [p.seen_at for p in planned if p is not None]
+            return bucketed(costs, seen, time.monotonic(), cost, policy.batch_size, policy.max_delay_s)
+        return in_order(costs, cost, policy.batch_size)
+
+    def _packed_full(self, batch: Batch) -> bool:
+        """Whether the forming batch of a task with ``cost=`` is full: by count, or by its budget."""
+        return self._pick(batch, bucket=bool(self.settings.cost and self.settings.cost.bucket)).full
+
+    def _pack(self, batch: Batch, *, bucket: bool) -> None:
+        """Keep in ``batch`` what runs now; move the rest into a new carry, claimed for the next batch."""
+        if not batch.items:
+            return
+        pick = self._pick(batch, bucket)
+        if pick.by_cost and len(pick.chosen) < self.settings.policy.batch_size:
+            batch.flush_reason = COST
+        items = batch.items
+        if len(pick.chosen) == len(items):
+            return
+        assert self._carry is None, "one carry at a time: the next batch starts from it"
+        chosen = set(pick.chosen)
+        leaving = [item for i, item in enumerate(items) if i not in chosen]
+        store = self._require_store()
+        carry = Batch(store.new_claim(), claimed_at=batch.claimed_at)
+        # Messages redelivered after a crash stay on their own, as claim.lua hands them out.
+        carry.claim.redelivered = batch.claim.redelivered
+        self._track(carry)
+        try:
+            moved = store.carry(batch.claim, carry.claim, [item.planned.raw for item in leaving if item.planned])
+        except BaseException:
+            self._untrack(carry)  # the move may have happened: the carry's lease brings its messages back
+            raise
+        batch.items[:] = [items[i] for i in pick.chosen]
+        ids = {item.request.id for item in leaving}
+        if batch.tracked:
+            carry.tracked.extend(t for t in batch.tracked if t.request.id in ids)
+            batch.tracked[:] = [t for t in batch.tracked if t.request.id not in ids]
+        carry.items.extend(leaving)
+        if moved:
+            self._carry = carry
+        else:
+            # Our claim was taken over (its lease ran out): those requests are back in the queue, not ours.
+            self._untrack(carry)
 
     def _release(self, batch: Batch) -> None:
         """Give a batch that never started back to the front of its queue."""

@@ -16,8 +16,9 @@ from celery import states
 from celery.exceptions import TaskRevokedError
 
 from ..codec import Request, Undecodable, decode
-from ..errors import MessageError, RequestAbandoned
-from .batch import Batch, Item, Outcome
+from ..cost import COST_HEADER, CostSpec
+from ..errors import CostError, MessageError, MissingArgumentError, RequestAbandoned, UnexpectedArgumentError
+from .batch import Batch, Item, Outcome, Planned
 from .request import TaskRequest
 
 #: Where a too-large message's task id can still be read without parsing it: kombu writes ``properties`` (with
@@ -39,15 +40,18 @@ class Rules:
     max_message_bytes: int
     hostname: str = ""
     ignore_result: bool = False
+    #: The task's cost settings: each request to run gets its cost (``Item.planned``); None: nothing is computed.
+    cost: CostSpec | None = None
 
 
 def triage(
     batch: Batch, raws: list[bytes], rules: Rules, revoked: Container[str], now: float,
-    abandoned: Callable[[list[str]], Container[str]] | None = None,
+    abandoned: Callable[[list[str]], Container[str]] | None = None, seen_at: float = 0.0,
 ) -> None:
     """Sort newly claimed ``raws`` into ``batch``.
 
     ``abandoned``, given only when some caller of the queue gave up lately, looks the claimed ids up at once.
+    ``seen_at`` (monotonic seconds) is when they were claimed, for packing by cost.
     """
     if not batch.claimed_at:
         batch.claimed_at = now
@@ -76,8 +80,28 @@ def triage(
             batch.settled.append(Outcome(item.id, states.REVOKED, TaskRevokedError("expired"), request))
         elif item.eta is not None and item.eta > now:
             batch.finish.delayed.append((item.eta, raw))
-        else:
+        elif rules.cost is None:
             batch.items.append(Item(request))
+        elif isinstance(planned := _planned(item, raw, rules.cost, seen_at), CostError):
+            # Settled at once, never given back: a request no batch can hold would otherwise come round forever.
+            batch.settled.append(Outcome.failure(item.id, planned, request))
+        else:
+            batch.items.append(Item(request, planned=planned))
+
+
+def _planned(item: Request, raw: bytes, cost: CostSpec, seen_at: float) -> Planned | CostError:
+    """The request's cost: the client's (its header), or, for a message sent by name without one, computed here."""
+    value = item.headers.get(COST_HEADER)
+    try:
+        if value is not None:
+            return Planned(raw, cost.check(value), seen_at)
+        try:
+            bound = cost.spec.bind(item.args, item.kwargs)
+        except (MissingArgumentError, UnexpectedArgumentError):
+            return Planned(raw, 0.0, seen_at)  # the merge fails it alone, with that error
+        return Planned(raw, cost.of(bound), seen_at)
+    except CostError as exc:
+        return exc
 
 
 def _decode(raw: bytes, rules: Rules) -> Request | Undecodable:
