@@ -24,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .cost import CostSpec
 from .errors import ConfigurationError
 from .settings import BatchSettings
 
@@ -40,8 +41,8 @@ HELP = f"Change a batched task's {', '.join(TUNABLE)} on the workers, live"
 def values(settings: BatchSettings) -> dict[str, Any]:
     """The values ``batching_set`` can change, as ``settings`` has them (``max_batch_cost`` when it exists)."""
     out: dict[str, Any] = {"batch_size": settings.policy.batch_size, "max_delay": settings.policy.max_delay_s}
-    if hasattr(settings, "max_batch_cost"):
-        out["max_batch_cost"] = settings.max_batch_cost
+    if settings.cost is not None:
+        out["max_batch_cost"] = settings.cost.max_batch_cost
     return out
 
 
@@ -95,12 +96,17 @@ def retuned(settings: BatchSettings, changes: Mapping[str, Any]) -> BatchSetting
     if "batch_size" in changes or "max_delay" in changes:
         policy = dataclasses.replace(policy, batch_size=changes.get("batch_size", policy.batch_size),
                                      max_delay_s=changes.get("max_delay", policy.max_delay_s))
-    extra = {}
+    cost = settings.cost
     if "max_batch_cost" in changes:
-        if not hasattr(settings, "max_batch_cost"):
-            raise ConfigurationError("max_batch_cost: this version of batching has no cost budgets")
-        extra["max_batch_cost"] = changes["max_batch_cost"]
-    return dataclasses.replace(settings, policy=policy, **extra)
+        if cost is None:
+            raise ConfigurationError(f"max_batch_cost: {settings.name} has no cost= function to budget with")
+        # Through the checks @batched runs (CostSpec.build), on the task's own cost function.
+        cost = CostSpec.build(settings.name, cost.fn, cost.spec, max_batch_cost=changes["max_batch_cost"],
+                              padded=cost.padded, bucket=cost.bucket, max_delay_s=policy.max_delay_s)
+    elif cost is not None and cost.bucket:
+        CostSpec.build(settings.name, cost.fn, cost.spec, max_batch_cost=cost.max_batch_cost, padded=cost.padded,
+                       bucket=True, max_delay_s=policy.max_delay_s)  # bucketing needs max_delay > 0 still
+    return dataclasses.replace(settings, policy=policy, cost=cost)
 
 
 def describe(settings: BatchSettings) -> str:

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from batching import ConfigurationError
-from batching.tuning import parse, retuned
+from batching.tuning import parse, retuned, values
 from tests.conftest import ROOT
 from tests.test_flush import metrics_worker, scrape, status
 from tests.waiting import poll_until
@@ -141,3 +141,27 @@ def test_retuned_settings_go_through_the_checks_batched_runs(redis_url):
                 {"max_delay": 3600}):
         with pytest.raises(ConfigurationError):
             retuned(settings, bad)
+
+
+def test_a_cost_budget_is_retuned_through_the_checks_cost_budgets_run() -> None:
+    from celery import Celery
+
+    from batching import batched
+
+    app = Celery("tuned_cost", broker="redis://127.0.0.1:1/0")
+
+    @batched(app, batch_size=16, max_delay=0.05, cost=lambda text: len(text), max_batch_cost=100, bucket=True)
+    def lengths(text):
+        return [len(t) for t in text]
+
+    settings = lengths.batching
+    assert values(settings) == {"batch_size": 16, "max_delay": 0.05, "max_batch_cost": 100.0}
+    new = retuned(settings, {"max_batch_cost": 40})
+    assert new.cost is not None and new.cost.max_batch_cost == 40.0
+    assert (new.cost.fn, new.cost.bucket) == (settings.cost.fn, True)
+    for bad in ({"max_batch_cost": 0}, {"max_batch_cost": float("inf")}, {"max_delay": 0}):  # bucketing needs a delay
+        with pytest.raises(ConfigurationError):
+            retuned(settings, bad)
+    plain = importlib.import_module(APP).tuned.batching
+    with pytest.raises(ConfigurationError, match="no cost= function"):
+        retuned(plain, {"max_batch_cost": 10})

@@ -18,6 +18,7 @@ Writing batch *k*'s results overlaps the model running batch *k+1*, which overla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -152,6 +153,7 @@ class BatchConsumer(FetchThread):
     def retune(self, settings: BatchSettings) -> None:
         """Serve with ``settings`` from the next batch on (``batching_set``): one reference swap, which the fetch
         thread reads on every round. Only the batching values may differ: the other threads keep theirs."""
+        self.rules = dataclasses.replace(self.rules, cost=settings.cost)  # triage reads the budget from its rules
         self.settings = settings
         self._retuned.set()
         with contextlib.suppress(queue.Full):

@@ -114,12 +114,12 @@ class FetchThread:
 
     def _collect_into(self, batch: Batch, idle_timeout_s: float) -> Batch | None:
         store = self._require_store()
-        policy = self.settings.policy
         # A batch started from a carry is as old as its oldest request.
         oldest = batch.items[0].planned.seen_at if batch.items and batch.items[0].planned else None
         idle_until = time.monotonic() + idle_timeout_s
-        window = policy.batch_size * (BUCKET_WINDOW if self.settings.cost and self.settings.cost.bucket else 1)
         while True:
+            cost = self.settings.cost  # settings are read on every round: ``batching_set`` may swap them
+            window = self.settings.policy.batch_size * (BUCKET_WINDOW if cost and cost.bucket else 1)
             if self._top_up(batch, window) and oldest is None:
                 oldest = time.monotonic()
             now = time.monotonic()
