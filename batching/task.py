@@ -164,6 +164,7 @@ def batched(
     max_queue_size: int | None = None,
     wait_replicas: int = 0,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT_S,
+    coalesce: bool = False,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -185,6 +186,8 @@ def batched(
     ``QueueFull`` in the client, atomically across every client (None: unbounded). ``wait_replicas``: durable
     mode — every send, claim, result write and finish waits up to ``wait_timeout`` seconds for that many Redis
     replicas to acknowledge it (``NotReplicated`` otherwise), so a failover loses no acknowledged request.
+    ``coalesce``: identical requests (same arguments, see ``batching.coalesce``) in flight at once run once, across
+    batches and workers, and every caller gets that result or error.
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -193,7 +196,7 @@ def batched(
     own: dict[str, Any] = dict(
         name=name, batch_size=batch_size, max_delay=max_delay, queue=queue, lease_s=lease_s,
         max_deliveries=max_deliveries, max_message_bytes=max_message_bytes, isolate_errors=isolate_errors,
-        max_queue_size=max_queue_size, wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+        max_queue_size=max_queue_size, wait_replicas=wait_replicas, wait_timeout=wait_timeout, coalesce=coalesce,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -214,7 +217,7 @@ def batched(
         policy=FlushPolicy(batch_size, max_delay),
         lease_s=lease_s, max_deliveries=max_deliveries, max_message_bytes=max_message_bytes,
         isolate_errors=isolate_errors, max_queue_size=max_queue_size, wait_replicas=wait_replicas,
-        wait_timeout=wait_timeout,
+        wait_timeout=wait_timeout, coalesce=coalesce,
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)

@@ -26,7 +26,7 @@ PACKAGE = ROOT / "batching"
 
 #: What each layer may import of the library (besides itself). Shared pure code is the root's plain modules.
 SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.settings", "batching.model",
-          "batching.codec"}
+          "batching.codec", "batching.coalesce"}
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,

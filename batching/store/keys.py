@@ -69,6 +69,11 @@ class QueueKeys:
         """List of ``source list, raw message`` pairs that one consumer took for one batch."""
         return f"{self.prefix}{NAMESPACE}:claim:{self.queue}:{claim_id}"
 
+    def coalesce(self, digest: str) -> str:
+        """String: the claim id of the batch computing the requests of coalescing key ``digest`` (``coalesce=True``);
+        expires two leases after its last use, and counts only while that claim's lease runs."""
+        return f"{self.prefix}{NAMESPACE}:coalesce:{self.queue}:{digest}"
+
 
 def batch_sizes(stats: Mapping[bytes, bytes]) -> dict[int, int]:
     """The batch-size histogram held in a ``stats`` hash (as read with ``HGETALL``): size -> batches run."""
