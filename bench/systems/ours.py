@@ -20,6 +20,7 @@ if settings.otel:
     instrument_worker()
 
 
-@batched(app, batch_size=settings.batch_size, max_delay=settings.max_delay_s, name="bench.ours.predict")
+@batched(app, batch_size=settings.batch_size, max_delay=settings.max_delay_s, name="bench.ours.predict",
+         coalesce=settings.coalesce)
 def predict(x: list[Any]) -> list[Any]:
     return model(x)
