@@ -11,7 +11,7 @@ re-queued by the usual lease recovery and runs again. See ``lua/coalesce.lua`` a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .lua import script
 
@@ -37,7 +37,8 @@ class CoalesceStore:
         if not requests:
             return []
         keys = self.store.keys
-        reply = self._join(
+        reply = self._durably(
+            self._join, "coalescing a claim",
             keys=[keys.claims, keys.claim(claim.claim_id), *(keys.coalesce(key) for key, _raw in requests)],
             args=[claim.claim_id, int(self.store.lease_s * KEY_LEASES * 1000), keys.claim(""),
                   *(raw for _key, raw in requests)],
@@ -48,5 +49,18 @@ class CoalesceStore:
         """Release the keys ``claim`` owns and return every raw message it holds, its followers' included (empty
         if the claim is no longer ours)."""
         keys = self.store.keys
-        return list(self._close(keys=[keys.claims, keys.claim(claim.claim_id), *map(keys.coalesce, owned)],
-                                args=[claim.claim_id]))
+        return list(self._durably(self._close, "closing a coalesced computation",
+                                  keys=[keys.claims, keys.claim(claim.claim_id), *map(keys.coalesce, owned)],
+                                  args=[claim.claim_id]))
+
+    def _durably(self, run: Any, what: str, *, keys: list[str], args: list[Any]) -> Any:
+        """Run a script; in durable mode (``wait_replicas``) confirmed by replicas like claims and finishes, or
+        ``NotReplicated``. A follower moved between claims, or a computation closed, that a promoted replica never
+        saw could otherwise be finished away with a claim that still holds it there. On ``NotReplicated`` the
+        caller drops its batch unrun and the claim comes back through its lease, as after any failed claim."""
+        replicas = self.store.replicas
+        if not replicas:
+            return run(keys=keys, args=args)
+        (reply,) = replicas.run(self.store.client, lambda pipe: run(keys=keys, args=args, client=pipe),
+                                f"{what} of {self.store.keys.queue!r}")
+        return reply
