@@ -4,6 +4,7 @@ the owner's worker is SIGKILLed mid-batch, and when one caller is revoked."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import signal
 import time
@@ -14,7 +15,9 @@ import pytest
 import redis
 from celery import states
 
+import batching.aio
 from batching import gather
+from batching.store.keys import QueueKeys
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -29,7 +32,7 @@ def coal(redis_url: str) -> ModuleType:
 
 @pytest.fixture(autouse=True)
 def clean(coal: ModuleType, rclient: redis.Redis) -> None:
-    rclient.delete(coal.SEEN, coal.HOLD, coal.HELD)
+    rclient.delete(coal.SEEN, coal.HOLD, coal.HELD, QueueKeys(coal.shout.batching.queue).abandoned)
 
 
 def seen(coal: ModuleType, rclient: redis.Redis) -> Counter:
@@ -128,3 +131,35 @@ def test_revoking_one_caller_leaves_the_others_results(coal, start_worker, rclie
     wait_until(lambda: followers[0].state == states.REVOKED, 10, "the revoked follower to be REVOKED")
     assert owner.state == states.REVOKED
     assert seen(coal, rclient)["hold"] == 1, worker.output()
+
+
+def test_callers_that_give_up_waiting_cancel_no_one(coal, start_worker, rclient):
+    """``batching.aio`` abandonment: the owner's caller and one follower's time out; the computation still serves
+    everyone, the ones that gave up included (they were claimed, so they run as usual)."""
+    worker = start_worker("tests.apps.coalescing", "--pool", "solo").ready()
+    rclient.set(coal.HOLD, 1)
+
+    async def scenario() -> tuple[list[bool], list[str]]:
+        owner = await batching.aio.submit(coal.shout, "hold")
+        await asyncio.to_thread(wait_until, lambda: rclient.llen(coal.HELD) >= 1, 30, "the owner's batch to start")
+        followers = [await batching.aio.submit(coal.shout, "hold") for _ in range(3)]
+        await asyncio.to_thread(wait_until, lambda: rclient.llen(coal.shout.batching.queue) == 0, 10,
+                                "the followers to be claimed")
+        gave_up = []
+        for quitter in (owner, followers[0]):
+            try:
+                await batching.aio.wait(quitter, timeout=0.2)  # times out: marked abandoned
+                gave_up.append(False)
+            except TimeoutError:
+                gave_up.append(True)
+        rclient.delete(coal.HOLD)
+        try:
+            return gave_up, await batching.aio.gather([owner, *followers], timeout=30)
+        finally:
+            await batching.aio.close()
+
+    gave_up, values = asyncio.run(scenario())
+    assert gave_up == [True, True]
+    assert rclient.zcard(QueueKeys(coal.shout.batching.queue).abandoned) == 2  # both were marked abandoned
+    assert values == ["HOLD"] * 4, worker.output()
+    assert seen(coal, rclient)["hold"] == 1
