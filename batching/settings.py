@@ -48,7 +48,8 @@ CELERY_TASK_OPTIONS = frozenset({
 #: ``@batched``'s own options.
 BATCHING_OPTIONS = ("name", "batch_size", "max_delay", "queue", "lease_s", "max_deliveries", "max_message_bytes",
                     "isolate_errors", "max_queue_size", "wait_replicas", "wait_timeout", "instances",
-                    "max_tasks_per_instance", "max_memory_per_instance", "cost", "max_batch_cost", "padded", "bucket")
+                    "max_tasks_per_instance", "max_memory_per_instance", "cost", "max_batch_cost", "padded", "bucket",
+                    "coalesce")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class BatchSettings:
     #: Cost budget and bucketing (``cost=``, ``max_batch_cost=``, ``padded=``, ``bucket=``); None: batches are
     #: formed by count and time only, and a send computes nothing.
     cost: CostSpec | None = None
+    #: Run identical requests in flight at the same time once (``batching.coalesce`` says what identical means).
+    coalesce: bool = False
     # The Celery options the consumer acts on, as the worker resolves them from the task (app defaults included).
     ignore_result: bool = False
     time_limit: float | None = None
@@ -132,6 +135,7 @@ class BatchSettings:
                f"max_message_bytes must be a positive integer, got {self.max_message_bytes!r}")
         _check(isinstance(self.isolate_errors, bool), f"isolate_errors must be True or False, got "
                f"{self.isolate_errors!r}")
+        _check(isinstance(self.coalesce, bool), f"coalesce must be True or False, got {self.coalesce!r}")
         _check(self.max_queue_size is None or (_is_int(self.max_queue_size) and self.max_queue_size >= 1),
                f"max_queue_size must be an integer >= 1 or None, got {self.max_queue_size!r}")
         _check(_is_int(self.wait_replicas) and self.wait_replicas >= 0,

@@ -184,6 +184,7 @@ def batched(
     max_batch_cost: float | None = None,
     padded: bool = False,
     bucket: bool = False,
+    coalesce: bool = False,
     **task_options: Any,
 ) -> Any:
     """Define a batched task on ``app``.
@@ -214,6 +215,8 @@ def batched(
     a request costing more raises ``CostTooLarge`` at submit. ``padded``: a batch costs its longest item times its
     count (a model that pads to the longest input), not the sum. ``bucket``: form each batch from a window of the
     oldest waiting requests, grouping similar costs; none is held back past ``max_delay`` (which must be > 0).
+    ``coalesce``: identical requests (same arguments, see ``batching.coalesce``) in flight at once run once, across
+    batches and workers, and every caller gets that result or error.
     Other keyword arguments are Celery task options (``time_limit``, ``soft_time_limit``, ``ignore_result``, ...);
     an option that is neither raises ``ConfigurationError`` naming it and the valid ones.
     """
@@ -226,6 +229,7 @@ def batched(
         instances=instances, max_tasks_per_instance=max_tasks_per_instance,
         max_memory_per_instance=max_memory_per_instance,
         cost=cost, max_batch_cost=max_batch_cost, padded=padded, bucket=bucket,
+        coalesce=coalesce,
     )
     if fn is None and model is None:
         return functools.partial(batched, app, **own, **task_options)
@@ -250,6 +254,7 @@ def batched(
         max_tasks_per_instance=max_tasks_per_instance, max_memory_per_instance=max_memory_per_instance,
         cost=CostSpec.build(task_name, cost, spec, max_batch_cost=max_batch_cost, padded=padded, bucket=bucket,
                             max_delay_s=policy.max_delay_s),
+        coalesce=coalesce,
     )
     app.steps["worker"].add(WORKER_STEP)  # a set: defining many tasks registers it once
     routing.register(app, task_name, settings.queue)  # in the app's queues (purge) and routes (send_task)

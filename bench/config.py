@@ -20,6 +20,7 @@ _MAX_DELAY_S = "BENCH_MAX_DELAY_S"
 _RESULT_EXPIRES_S = "BENCH_RESULT_EXPIRES_S"
 _RESULT_EXTENDED = "BENCH_RESULT_EXTENDED"
 _RECORD = "BENCH_RECORD"
+_COALESCE = "BENCH_COALESCE"
 #: Set to 1 (in the environment of `python -m bench`) to run ours' worker instrumented with OpenTelemetry.
 _OTEL = "BENCH_OTEL"
 #: Ours' `instances`: model instance processes per worker.
@@ -44,6 +45,8 @@ class AppSettings:
     result_extended: bool = False
     #: Wrap ours' model in `bench.models.recording`: every input it ran is counted in Redis.
     record: bool = False
+    #: ours' `coalesce=True`: identical requests in flight at once run once (`python -m bench.coalesce`).
+    coalesce: bool = False
     #: Instrument ours' worker with opentelemetry-instrumentation-celery (spans made, then dropped unexported).
     otel: bool = False
     #: Ours' `instances=N`: model instances per worker, each in its own process (1: in the worker's process).
@@ -62,6 +65,7 @@ class AppSettings:
             result_expires_s=int(os.environ[_RESULT_EXPIRES_S]) if os.environ.get(_RESULT_EXPIRES_S) else None,
             result_extended=os.environ.get(_RESULT_EXTENDED) == "1",
             record=os.environ.get(_RECORD) == "1",
+            coalesce=os.environ.get(_COALESCE) == "1",
             otel=os.environ.get(_OTEL) == "1",
             instances=int(os.environ.get(_INSTANCES) or 1),
         )
@@ -75,6 +79,7 @@ class AppSettings:
             _RESULT_EXPIRES_S: "" if self.result_expires_s is None else str(self.result_expires_s),
             _RESULT_EXTENDED: "1" if self.result_extended else "0",
             _RECORD: "1" if self.record else "0",
+            _COALESCE: "1" if self.coalesce else "0",
             _OTEL: os.environ.get(_OTEL, "0"),
             _INSTANCES: str(self.instances),
         }

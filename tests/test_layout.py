@@ -26,7 +26,8 @@ PACKAGE = ROOT / "batching"
 
 #: What each layer may import of the library (besides itself). Shared pure code is the root's plain modules.
 SHARED = {"batching.errors", "batching.merge", "batching.policy", "batching.settings", "batching.model",
-          "batching.codec", "batching.signals", "batching.tuning", "batching.cost"}
+          "batching.codec", "batching.signals", "batching.tuning", "batching.cost",
+          "batching.coalesce"}
 ALLOWED = {
     "batching.store": {"batching.errors"},
     "shared": SHARED,

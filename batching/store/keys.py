@@ -85,6 +85,11 @@ class QueueKeys:
         """The ``flushes`` hashes of the recent window ending at ``now``, newest first."""
         return [self.flushes(now - i * FLUSH_BUCKET_S) for i in range(FLUSH_WINDOW_BUCKETS)]
 
+    def coalesce(self, digest: str) -> str:
+        """String: the claim id of the batch computing the requests of coalescing key ``digest`` (``coalesce=True``);
+        expires two leases after its last use, and counts only while that claim's lease runs."""
+        return f"{self.prefix}{NAMESPACE}:coalesce:{self.queue}:{digest}"
+
 
 def batch_sizes(stats: Mapping[bytes, bytes]) -> dict[int, int]:
     """The batch-size histogram held in a ``stats`` hash (as read with ``HGETALL``): size -> batches run."""

@@ -97,6 +97,9 @@ class Batch:
     #: What observability hooks keep between running the batch and settling it (``signals.TaskSignals``); None
     #: when nothing listens, so an unobserved batch carries nothing per item.
     observed: Any = None
+    #: ``coalescing.Coalesced`` of a task with ``coalesce=True`` (its requests' keys, the computations it owns);
+    #: None otherwise, so a batch of any other task carries and checks nothing per item.
+    coalesced: Any = None
 
     def outcomes(self) -> list[Outcome]:
         """Every outcome of the batch: those decided without running, then the items' in request order."""

@@ -38,6 +38,7 @@ from ..store.outage import Outage, Stopped
 from ..store.queue import QueueStore
 from . import control
 from .batch import Batch
+from .coalescing import Coalescer
 from .events import BatchEvents
 from .fetch import STOP as _STOP
 from .fetch import FetchThread
@@ -89,6 +90,7 @@ class BatchConsumer(FetchThread):
         self.outage = Outage(settings.name)
         self.store: QueueStore | None = None
         self.keeper: Keeper | None = None
+        self.coalescer: Coalescer | None = None
         self.metrics = metrics
         self.events = BatchEvents(app, hostname, events_enabled)
         self._connection: Any = None
@@ -135,9 +137,11 @@ class BatchConsumer(FetchThread):
         self.store, self._connection = QueueStore.open(self.app, self.settings, socket_timeout_s=self.socket_timeout_s)
         self.store.sync_clock()
         self.store.join_epoch()
+        self.coalescer = Coalescer(self.settings, self.store, self.rules) if self.settings.coalesce else None
         self.keeper = Keeper(
             self.app, self.settings, self.store, self.outage, events=self.events, accept=self.rules.accept,
             stop=self._stopping, metrics=self.metrics, socket_timeout_s=self.socket_timeout_s, signals=self.signals,
+            coalescer=self.coalescer,
         )
         return self.store
 

@@ -32,6 +32,7 @@ from .tunables import FORM_POLL_S, IDLE_POLL_S, TOPUP_MAX_S, TOPUP_MIN_S
 if TYPE_CHECKING:
     from ..settings import BatchSettings
     from ..task import BatchedTask
+    from .coalescing import Coalescer
     from .ratelimit import RateLimiter
     from .signals import TaskSignals
 
@@ -51,6 +52,7 @@ class FetchThread:
     task: BatchedTask | None
     limiter: RateLimiter | None
     signals: TaskSignals
+    coalescer: Coalescer | None
     _stopping: threading.Event
     _slot: Any
     _slot_changed: threading.Condition
@@ -173,6 +175,8 @@ class FetchThread:
             lookup = store.abandoned_among if claim.abandonments else None
             triage(batch, claim.raws[before:], self.rules, worker_state.revoked, store.now(), lookup,
                    seen_at=time.monotonic())
+            if self.coalescer is not None:
+                self.coalescer.join(batch, claim.raws[before:], running)  # may move some to their owners
             if self.task is not None:
                 control.reserve(self.task, batch, first)
             self.signals.received(batch.items, running)

@@ -28,6 +28,7 @@ from .results import ResultWriter
 
 if TYPE_CHECKING:
     from ..settings import BatchSettings
+    from .coalescing import Coalescer
     from .metrics import Metrics
     from .signals import TaskSignals
 
@@ -41,7 +42,7 @@ class Keeper:
         self, app: Any, settings: BatchSettings, store: QueueStore, outage: Outage, *, events: BatchEvents,
         accept: Collection[str], stop: threading.Event, metrics: Metrics | None = None,
         socket_timeout_s: float | None = None,
-        signals: TaskSignals | None = None,
+        signals: TaskSignals | None = None, coalescer: Coalescer | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -55,11 +56,14 @@ class Keeper:
         self.events = events
         self.metrics = metrics
         self.signals = signals
+        self.coalescer = coalescer
 
     def settle(self, batch: Batch) -> None:
         """Follow up, store, finish: retried through Redis outages until done, or until the consumer stops
         (``Stopped``: the claim is then left to the lease)."""
         app, name = self.app, self.settings.name
+        answers = self.coalescer.answers(batch) if self.coalescer is not None and batch.coalesced is not None \
+            else None
         control.seal(batch)  # items terminated while the batch ran are dropped: REVOKED is already stored
         outcomes = batch.outcomes()
         # Fencing: a consumer whose lease ran out (partitioned, paused) may find its batch re-queued and run
@@ -69,6 +73,13 @@ class Keeper:
         # second does not, and its round trip per batch is saved.
         claim = batch.claim
         lost_with_data = False
+        followers: list[Outcome] = []
+        if answers is not None and self.coalescer is not None:
+            # Closing the computation is the claim owner's alone (the script checks it): a consumer that lost its
+            # claim gets no followers to answer.
+            coalescer = self.coalescer
+            followers = with_retries(lambda: coalescer.followers(batch, answers), self.outage, self.stop)
+            outcomes = outcomes + followers
         checked_first = bool(claim) and (not self.fence_in_write or canvas.sends_before_store(outcomes))
         if checked_first and not with_retries(lambda: self.store.owns(claim), self.outage, self.stop, writes=False):
             lost_with_data = self._lost_with_data(batch)
@@ -89,7 +100,7 @@ class Keeper:
         canvas.after_store(app, outcomes)
         canvas.send_retries(app, name, retries)
         if self.signals is not None:
-            self.signals.settled(batch, retries)
+            self.signals.settled(batch, retries, followers)
         self.events.send_batch(
             outcomes, received=batch.claimed_at or time.time(), started=batch.started_at, finished=time.time()
         )

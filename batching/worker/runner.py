@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
+from ..coalesce import distinct
 from ..merge import execute
 from ..model import ModelHandle
 from .batch import Batch, Outcome
@@ -79,10 +80,15 @@ class ModelRunner:
         except Exception as exc:  # a model that cannot load fails this batch; the next batch tries again
             logger.exception("batching %s: building the model failed", self.settings.name)
             return [exc] * len(batch.items)
-        return execute(
-            self.settings.spec, run_batch, [(item.request.args, item.request.kwargs) for item in batch.items],
-            isolate=self.settings.isolate_errors,
-        )
+        requests = [(item.request.args, item.request.kwargs) for item in batch.items]
+        coalesced = batch.coalesced
+        if coalesced is None:
+            return execute(self.settings.spec, run_batch, requests, isolate=self.settings.isolate_errors)
+        # coalesce=True: the model sees each distinct input once; duplicates share its result or error.
+        run, source = distinct([coalesced.keys.get(item.request.id) for item in batch.items])
+        results = execute(self.settings.spec, run_batch, [requests[i] for i in run],
+                          isolate=self.settings.isolate_errors)
+        return [results[slot] for slot in source]
 
     def _abandon(self, batch: Batch, limits: TimeLimits, race: _Race) -> None:
         """Hard time limit (timer thread): fail the batch now; the model's late answer is dropped."""

@@ -110,12 +110,25 @@ class TaskSignals:
 
     # -- keeper thread -----------------------------------------------------------------------------------------
 
-    def settled(self, batch: Batch, retries: Sequence[tuple[Outcome, float]]) -> None:
-        """After the batch's results are stored: Sentry's transactions and events, then each item's signals."""
+    def settled(
+        self, batch: Batch, retries: Sequence[tuple[Outcome, float]], followers: Sequence[Outcome] = ()
+    ) -> None:
+        """After the batch's results are stored: Sentry's transactions and events, then each item's signals, then
+        those of the requests answered by coalescing (``followers``)."""
         try:
             self._settled(batch, retries)
+            if followers and listened():
+                self._answered(batch, retries, followers)
         except Exception:  # the results are stored: nothing here may send the claim back to the queue
             logger.exception("batching %s: sending task signals after a batch failed", self.task_name)
+
+    def _answered(self, batch: Batch, retries: Sequence[tuple[Outcome, float]], followers: Sequence[Outcome]) -> None:
+        """A coalesced follower never ran itself: it gets its final signal and ``task_postrun`` (no prerun)."""
+        task = self.task
+        countdowns = {id(outcome): countdown for outcome, countdown in retries}
+        runtime = time.time() - (batch.started_at or time.time())
+        for outcome in followers:
+            contextvars.copy_context().run(_finish, task, outcome, countdowns.get(id(outcome)), runtime)
 
     def _settled(self, batch: Batch, retries: Sequence[tuple[Outcome, float]]) -> None:
         sentry = _sentry()

@@ -21,6 +21,6 @@ if settings.otel:
 
 
 @batched(app, batch_size=settings.batch_size, max_delay=settings.max_delay_s, name="bench.ours.predict",
-         instances=settings.instances)
+         instances=settings.instances, coalesce=settings.coalesce)
 def predict(x: list[Any]) -> list[Any]:
     return model(x)
