@@ -22,7 +22,7 @@ if URL.startswith("sentinel://"):
 
 
 @batched(app, batch_size=16, lease_s=3, wait_replicas=int(os.environ.get("WAIT_REPLICAS", "1")), wait_timeout=0.3,
-         name="durable.double")
+         name="durable.double", shared=False)  # re-imported per test: never offered to other apps
 def double(x):
     with open(os.environ["RUNS_LOG"], "a") as log:
         log.write("".join(f"{v}\n" for v in x))
