@@ -96,7 +96,8 @@ def _task(url: str, wait_replicas: int) -> Any:
     """The no-op task of an app on ``url`` with ``wait_replicas`` (a fresh app: each mode has its own settings)."""
     mode_app = Celery("bench_durable", broker=url, backend=url)
     mode_app.conf.update(result_expires=600)
-    return batched(mode_app, batch_size=64, wait_replicas=wait_replicas, name="bench_durable.noop", shared=False)(_identity)
+    noop_task = batched(mode_app, batch_size=64, wait_replicas=wait_replicas, name="bench_durable.noop", shared=False)
+    return noop_task(_identity)
 
 
 def _identity(x: list[Any]) -> list[Any]:

@@ -244,3 +244,30 @@ def test_task_events_of_instances_are_sent_under_the_worker_name(inst, start_wor
     assert {e["hostname"] for e in mine} == {worker.nodename}
     received = {e["uuid"]: e for e in mine if e["type"] == "task-received"}
     assert set(received) == ids and {e["name"] for e in received.values()} == {"inst.work"}
+
+
+def test_batching_set_reaches_the_instance_processes_and_their_replacements(inst, start_worker, rclient):
+    worker = start_worker(APP, "-c", "1", env={"INST_BATCH_S": "0.02"}).ready()
+    started = poll_until(lambda: s if len(s := inits(rclient, "inst.work")) == 2 else None, 60,
+                         "both instances to start")
+    replies = inst.app.control.broadcast("batching_set", arguments={"task": "inst.work", "settings": {"batch_size": 3}},
+                                         reply=True, destination=[worker.nodename], timeout=10)
+    assert [next(iter(r.values())) for r in replies] == [
+        {"ok": "inst.work: batch_size=3 max_delay=0.01 (was batch_size=8 max_delay=0.01)"}]
+
+    def sizes() -> list[tuple[int, int]]:
+        return [(int(pid), int(n)) for pid, n in (e.split(":") for e in entries(rclient, "inst:sizes:SlowModel"))]
+
+    assert inst.work.submit_many([{"x": i} for i in range(120)])[-1].get(timeout=60) == 238
+    ran = sizes()
+    assert {pid for pid, _ in ran} == {pid for _, pid in started}  # both instances served
+    assert max(n for _, n in ran) == 3
+    # An instance started again (here: after a SIGKILL) serves with the changed values from its start.
+    os.kill(started[0][1], signal.SIGKILL)
+    back = poll_until(lambda: next((pid for i, pid in inits(rclient, "inst.work")[2:] if i == started[0][0]), None),
+                      60, "the killed instance to be started again")
+    rclient.delete("inst:sizes:SlowModel")
+    results = inst.work.submit_many([{"x": i} for i in range(120)])
+    assert [r.get(timeout=60) for r in results] == [2 * i for i in range(120)]
+    wait_until(lambda: back in {pid for pid, _ in sizes()}, 30, "the new instance to serve")
+    assert max(n for _, n in sizes()) == 3

@@ -111,13 +111,16 @@ class BatchingStep(bootsteps.StartStopStep):
         checks them; returns its settings before and after. Raises ``ConfigurationError`` and changes nothing if
         the task is not served here or a value is refused."""
         consumers = [c for c in self.consumers if c.name == name]
-        if not consumers:
-            served = ", ".join(c.name for c in self.consumers) or "none"
+        pooled = self.pool.settings if self.pool is not None else {}
+        if not consumers and name not in pooled:
+            served = ", ".join(sorted({c.name for c in self.consumers} | set(pooled))) or "none"
             raise ConfigurationError(f"{name!r} is not a batched task of this worker (it serves: {served})")
-        before = consumers[0].settings
+        before = consumers[0].settings if consumers else pooled[name]
         after = tuning.retuned(before, changes)
         for consumer in consumers:
             consumer.retune(after)
+        if self.pool is not None and name in pooled:
+            self.pool.retune(name, after, changes)  # its instance processes apply it too
         logger.info("batching %s: now %s (was %s), by %s", name, tuning.describe(after), tuning.describe(before),
                     tuning.COMMAND)
         return before, after

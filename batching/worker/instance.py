@@ -29,6 +29,8 @@ from typing import Any
 from billiard.compat import mem_rss
 from celery.signals import worker_process_init
 
+from .. import tuning
+from ..errors import ConfigurationError
 from ..signals import instance_init
 from . import control, remote
 from .consumer import BatchConsumer
@@ -114,6 +116,15 @@ class Instance:
         self.metrics = ReportedMetrics(link, self._served)
         self.consumer = BatchConsumer.for_task(task, hostname=spec["hostname"], events_enabled=lambda: self.events,
                                                metrics=self.metrics)
+        if spec.get("tuned"):
+            self.retune(spec["tuned"])
+
+    def retune(self, changes: dict[str, Any]) -> None:
+        """What ``batching_set`` changed, as the worker forwards it (checked there already)."""
+        try:
+            self.consumer.retune(tuning.retuned(self.consumer.settings, changes))
+        except ConfigurationError as exc:  # the worker checked the same values: only a bug gets here
+            logger.error("batching %s: instance %d refused %s: %s", self.consumer.name, self.index, changes, exc)
 
     def _served(self, n: int) -> None:
         self.served += n
@@ -142,6 +153,8 @@ class Instance:
             elif kind == "revoke":
                 remote.revoke_here(message[1], message[2], message[3])
                 self.link.send(("revoked", message[4]))
+            elif kind == "retune":
+                self.retune(message[1])
             elif kind == "events":
                 self.events = bool(message[1])
 

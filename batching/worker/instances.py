@@ -66,7 +66,8 @@ class InstanceProcess:
     def spawn(self) -> None:
         ours, theirs = socket.socketpair()
         spec = dict(self.pool.spec, task=self.task.name, index=self.index, fd=theirs.fileno(),
-                    events=self.pool.events_enabled(), revoked=remote.revoked_ids())
+                    events=self.pool.events_enabled(), revoked=remote.revoked_ids(),
+                    tuned=self.pool.tuned.get(self.task.name))
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", ENTRY, json.dumps(spec)], pass_fds=(theirs.fileno(),),
@@ -165,6 +166,20 @@ class InstancePool:
         self._acks: dict[int, threading.Event] = {}
         self._acks_lock = threading.Lock()
         self._disconnect = remote.on_revoke(self._revoked)
+        #: Each task's settings as its instances serve them, and what ``batching_set`` changed (a restarted or
+        #: recycled instance starts with the changes too).
+        self.settings = {task.name: task.worker_settings() for task in tasks}
+        self.tuned: dict[str, dict[str, Any]] = {}
+
+    def retune(self, name: str, settings: Any, changes: dict[str, Any]) -> None:
+        """``batching_set`` for a task served by instances: checked already (``settings`` is the result); every
+        instance of the task applies ``changes`` from its next batch on."""
+        self.settings[name] = settings
+        tuned = self.tuned.setdefault(name, {})
+        tuned.update(changes)
+        for instance in self.instances:
+            if instance.task.name == name:
+                instance.send(("retune", dict(tuned)))
 
     def env(self, index: int) -> dict[str, str]:
         return {**os.environ, "BATCHING_INSTANCE": str(index)}

@@ -57,6 +57,7 @@ class SlowModel:
         pipe = R.pipeline(transaction=False)
         pipe.set(f"inst:busy:{os.getpid()}", len(x), ex=5)
         pipe.hincrby("inst:ran_by", str(os.getpid()), len(x))
+        pipe.rpush(f"inst:sizes:{type(self).__name__}", f"{os.getpid()}:{len(x)}")
         for v in x:
             pipe.hincrby("inst:runs", str(v), 1)
         pipe.execute()
