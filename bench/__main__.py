@@ -7,6 +7,7 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mix-max-delay", type=float, default=0.05, help="--mix: every mode's max_delay, seconds (default 0.05)"
     )
     parser.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="with --mix: then coalescing off vs on, where 30 %% of the requests repeat one of 5 texts "
+        "(bench/coalesce.py; also alone: python -m bench.coalesce)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent / "out",
@@ -124,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         or args.rate <= 0
     ):
         parser.error("need --n >= 2, --runs >= 1, --batch-size >= 1, --max-delay >= 0 and --rate > 0")
+    if args.coalesce and not args.mix:
+        parser.error("--coalesce comes with --mix (--models embed --mix --coalesce)")
     if args.mix and (args.models != ["embed"] or args.mix_budget <= 0 or args.mix_rate <= 0
                      or args.mix_max_delay <= 0):
         parser.error("--mix runs the embed model only (--models embed), with --mix-budget, --mix-rate and "
@@ -201,6 +210,18 @@ def run_mix(args: argparse.Namespace, out: Path, console: Any) -> int:
         return code
     mix.print_table(results, console)
     console.print(f"raw results: {mix.write_json(results, out)}")
+    if args.coalesce:
+        from bench import coalesce
+
+        merged, code = session.on_private_redis(
+            "coalescing benchmark", out, console,
+            lambda url: coalesce.measure(url, n=args.n, runs=args.runs, batch_size=args.batch_size,
+                                         python=args.python, logs=out / "logs"),
+        )
+        if merged is None:
+            return code
+        console.print(coalesce.report(merged))
+        (out / "coalesce.json").write_text(json.dumps(merged, indent=1))
     return 0
 
 
