@@ -193,14 +193,20 @@ def recorded_upper(calls: list[list[str]]) -> Any:
     return upper
 
 
+def two_consumers(app: Celery, consumers: list[BatchConsumer], calls: list[list[str]]) -> tuple[Any, ...]:
+    """A coalescing task that records its model's inputs in ``calls``, and two consumers of it."""
+    task = batched(app, recorded_upper(calls), name=f"coal_test.up_{uuid.uuid4().hex[:8]}", coalesce=True)
+    owner_side, other_side = BatchConsumer.for_task(task), BatchConsumer.for_task(task)
+    consumers += [owner_side, other_side]
+    return task, owner_side, other_side
+
+
 @pytest.mark.integration
 def test_a_follower_claimed_by_another_consumer_is_answered_by_the_owners(
     app: Celery, consumers: list[BatchConsumer],
 ) -> None:
     calls: list[list[str]] = []
-    task = batched(app, recorded_upper(calls), name=f"coal_test.up_{uuid.uuid4().hex[:8]}", coalesce=True)
-    owner_side, other_side = BatchConsumer.for_task(task), BatchConsumer.for_task(task)
-    consumers += [owner_side, other_side]
+    task, owner_side, other_side = two_consumers(app, consumers, calls)
     first = task.delay("x")
     batch = owner_side.collect(idle_timeout_s=0.0)
     assert batch is not None and len(batch.items) == 1
@@ -219,9 +225,7 @@ def test_followers_of_an_owner_revoked_before_its_batch_started_go_back_and_run(
     app: Celery, consumers: list[BatchConsumer],
 ) -> None:
     calls: list[list[str]] = []
-    task = batched(app, recorded_upper(calls), name=f"coal_test.up_{uuid.uuid4().hex[:8]}", coalesce=True)
-    owner_side, other_side = BatchConsumer.for_task(task), BatchConsumer.for_task(task)
-    consumers += [owner_side, other_side]
+    task, owner_side, other_side = two_consumers(app, consumers, calls)
     revoked = task.delay("x")
     batch = owner_side.collect(idle_timeout_s=0.0)
     assert batch is not None

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from types import ModuleType
@@ -22,7 +21,6 @@ from typing import Any
 
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from batching import queue_status
 from batching.redis_server import free_port
@@ -30,6 +28,7 @@ from batching.store.keys import QueueKeys
 from batching.store.queue import Finish, QueueStore
 from batching.store.snapshot import status_of
 from tests.conftest import ROOT
+from tests.test_metrics import scrape
 from tests.waiting import poll_until, wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,8 +36,7 @@ pytestmark = pytest.mark.integration
 APP = "tests.apps.tuned"
 
 
-@pytest.fixture
-def app(redis_url: str, rclient: redis.Redis) -> ModuleType:
+def fresh_app(rclient: redis.Redis) -> ModuleType:
     """The app, with every key of its queues, its flush counts and its gate deleted first."""
     module = importlib.import_module(APP)
     for pattern in ("*flush.*", "tuned:*"):
@@ -47,14 +45,9 @@ def app(redis_url: str, rclient: redis.Redis) -> ModuleType:
     return module
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+@pytest.fixture
+def app(redis_url: str, rclient: redis.Redis) -> ModuleType:
+    return fresh_app(rclient)
 
 
 Metrics = dict[tuple[str, tuple], float]

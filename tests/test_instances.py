@@ -205,6 +205,9 @@ def test_inspect_and_revoke_reach_the_items_of_instance_processes(inst, start_wo
     assert len(active) in (4, 8) and {a["worker_pid"] for a in active} <= instance_pids
     running_item = next(r for r in first if r.id == active[0]["id"])
     assert inspect(redis_url, worker, "query_task", running_item.id)[running_item.id][0] == "active"
+    if reserved:  # the next batch, claimed by a busy instance: its report is all the worker knows of it
+        waiting_id = reserved[0]["id"]
+        assert inspect(redis_url, worker, "query_task", waiting_id)[waiting_id][0] == "reserved"
     # terminate=True on a running item: dropped from its batch, REVOKED at once. A revoke that reaches the worker
     # before its item is sent: the instance that claims it settles it REVOKED without running it.
     inst.app.control.revoke(running_item.id, terminate=True, reply=True, destination=[worker.nodename], timeout=10)
@@ -246,7 +249,7 @@ def test_task_events_of_instances_are_sent_under_the_worker_name(inst, start_wor
     assert set(received) == ids and {e["name"] for e in received.values()} == {"inst.work"}
 
 
-def test_batching_set_reaches_the_instance_processes_and_their_replacements(inst, start_worker, rclient):
+def test_batching_set_reaches_the_instance_processes_and_their_replacements(inst, start_worker, rclient, redis_url):
     worker = start_worker(APP, "-c", "1", env={"INST_BATCH_S": "0.02"}).ready()
     started = poll_until(lambda: s if len(s := inits(rclient, "inst.work")) == 2 else None, 60,
                          "both instances to start")
@@ -262,6 +265,8 @@ def test_batching_set_reaches_the_instance_processes_and_their_replacements(inst
     ran = sizes()
     assert {pid for pid, _ in ran} == {pid for _, pid in started}  # both instances served
     assert max(n for _, n in ran) == 3
+    # ``inspect stats`` counts what the instances ran, as it counts what runs in the worker's own process.
+    assert inspect(redis_url, worker, "stats")["total"]["inst.work"] == 120
     # An instance started again (here: after a SIGKILL) serves with the changed values from its start.
     os.kill(started[0][1], signal.SIGKILL)
     back = poll_until(lambda: next((pid for i, pid in inits(rclient, "inst.work")[2:] if i == started[0][0]), None),

@@ -18,7 +18,7 @@ import redis
 from batching import ConfigurationError
 from batching.tuning import parse, retuned, values
 from tests.conftest import ROOT
-from tests.test_flush import metrics_worker, scrape, status
+from tests.test_flush import fresh_app, metrics_worker, scrape, status
 from tests.waiting import poll_until
 
 APP = "tests.apps.tuned"
@@ -27,11 +27,7 @@ TASK = "flush.tuned"
 
 @pytest.fixture
 def app(redis_url: str, rclient: redis.Redis) -> ModuleType:
-    module = importlib.import_module(APP)
-    for pattern in ("*flush.tuned*", "tuned:*"):
-        for key in rclient.scan_iter(match=pattern):
-            rclient.delete(key)
-    return module
+    return fresh_app(rclient)
 
 
 def celery(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -259,6 +259,11 @@ def _query_task(plain: Callable[..., Any]) -> Callable[..., Any]:
         for task_id, (where, info) in list(found.items()):
             if where == "ready" and task_id in _claimed:
                 found[task_id] = ("reserved", info)
+        wanted = {ids} if isinstance(ids, str) else set(ids or ())
+        if wanted - set(found):  # claimed by an instance process: only its report knows them
+            for info in (info for more in extra_reserved for info in more()):
+                if info.get("id") in wanted and info["id"] not in found:
+                    found[info["id"]] = ("reserved", info)
         return found
 
     return query_task

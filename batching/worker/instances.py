@@ -25,6 +25,8 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
+from celery.worker import state as worker_state
+
 from ..errors import ConfigurationError
 from . import remote
 from .tunables import STOP_TIMEOUT_S
@@ -209,8 +211,13 @@ class InstancePool:
         kind = message[0]
         if kind == "held":
             instance.reported.update(message[1], message[2])
-        elif kind == "metric" and self.metrics is not None:
-            getattr(self.metrics, message[1])(*message[2])
+        elif kind == "metric":
+            if message[1] == "batch_ran":  # ``inspect stats`` counts what instances ran, as for in-process items
+                task, size = message[2][0], int(message[2][1])
+                worker_state.total_count[task] += size
+                worker_state.all_total_count[0] += size
+            if self.metrics is not None:
+                getattr(self.metrics, message[1])(*message[2])
         elif kind == "counter" and self.metrics is not None:
             getattr(self.metrics, message[1]).labels(message[2]).inc(message[3])
         elif kind == "ended":
