@@ -121,8 +121,9 @@ def test_models_are_built_in_the_instances_only_and_metrics_add_up_on_the_worker
         return text if done else None
 
     text = poll_until(scraped, 30, "the instances' items on the worker's endpoint")
-    batches = [line for line in text.splitlines() if line.startswith('batching_batch_size_sum{task="inst.work"}')]
-    assert batches == ['batching_batch_size_sum{task="inst.work"} 120.0']
+    sums = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("batching_batch_size_sum{") and 'task="inst.work"' in line]
+    assert sum(sums) == 120.0  # summed over the flush reasons
     assert 'batching_queue_depth{task="inst.work"} 0.0' in text
 
 
@@ -174,11 +175,14 @@ def test_a_recycled_instance_finishes_its_batch_and_a_new_one_takes_over(inst, s
     results = inst.recycled.submit_many([{"x": 1000 + i} for i in range(50)])
     assert [r.get(timeout=120) for r in results] == [2 * (1000 + i) for i in range(50)]
     built = builds(rclient, "RecycledModel")
-    assert len({pid for pid, _ in built}) >= 4  # 10 requests each, and batches of 4: at least 50 / 12 processes
+    # 10 requests each, counted per settled batch of 4; a recycled instance stops as at a warm shutdown, so it also
+    # runs the batch that was forming then: at most 10 + 2 * 4 requests, at least 50 / 18 processes.
+    assert len({pid for pid, _ in built}) >= 3
     assert runs(rclient) == Counter(range(1000, 1050))  # a recycled instance gives nothing back twice
     out = worker.output()
-    recycled = r"ended \(recycled after 1[0-3] request\(s\) \(max_tasks_per_instance=10\)\); starting a new one"
-    assert re.search(recycled, out)
+    served = [int(n) for n in re.findall(r"ended \(recycled after (\d+) request\(s\) \(max_tasks_per_instance=10\)\); "
+                                         r"starting a new one", out)]
+    assert served and all(10 <= n <= 18 for n in served), served
     # Above max_memory_per_instance (KiB of peak resident memory) after each batch: replaced after at most the
     # batch it settles and the one it runs meanwhile (the one claimed ahead goes back), so 4 batches need 2.
     leaky = inst.leaky.submit_many([{"x": 2000 + i} for i in range(16)])
